@@ -1,0 +1,3 @@
+from litpeft.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""Adapter directories: what ``fit`` leaves behind and every later command loads.
+
+adapter.safetensors   the method's trained tensors (never a pickle)
+adapter.yaml          base model spec and fingerprint, method (class_path + init_args), prompt style
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from litpeft.data.prompts import PromptStyle, get_style, style_name
+from litpeft.errors import LitPeftError
+from litpeft.methods import PeftMethod, method_from_config
+from litpeft.models import load_model, load_tokenizer
+
+WEIGHTS, CONFIG = "adapter.safetensors", "adapter.yaml"
+
+
+def base_fingerprint(model: PreTrainedModel) -> str:
+    """A short hash of the base model's input embedding: tells one base checkpoint from another."""
+    emb = model.get_input_embeddings().weight.detach()
+    sample = emb.flatten()[:65536].float().cpu().numpy().tobytes()
+    return f"{model.config.model_type}-{tuple(emb.shape)}-" + hashlib.sha256(sample).hexdigest()[:12]
+
+
+def save_adapter(directory: str | Path, module: Any, style: PromptStyle | None = None) -> Path:
+    """Write a ``PeftLM``'s adapter (its method's tensors and config) to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model, method = module.model, module.method
+    tensors = {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(model).items()}
+    tmp = directory / f".{WEIGHTS}.tmp{os.getpid()}"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / WEIGHTS)
+    meta = {
+        "base_model": module.model_spec,
+        "base_fingerprint": base_fingerprint(model),
+        "method": method.config(),
+        "prompt_style": style_name(style) if style is not None else None,
+        "trainable_parameters": sum(v.numel() for v in tensors.values()),
+    }
+    (directory / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LitPeftError(f"adapter directory '{directory}' does not exist")
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise LitPeftError(f"'{directory}' is not a litpeft adapter directory (needs {CONFIG} and {WEIGHTS})")
+    try:
+        return yaml.safe_load((directory / CONFIG).read_text())
+    except yaml.YAMLError as e:
+        raise LitPeftError(f"{directory / CONFIG}: malformed YAML ({e})") from None
+
+
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LitPeftError(f"{path}: corrupted or unreadable adapter weights ({e})") from None
+
+
+def load_adapter(
+    directory: str | Path,
+    model: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    allow_other_base: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PeftMethod, PromptStyle]:
+    """Base model + trained adapter from an adapter directory, ready for ``generate``/``merge``/``export``.
+
+    ``model`` overrides the saved base spec (e.g. the same base at another path); a base whose
+    fingerprint differs from the one the adapter was trained on is refused unless ``allow_other_base``.
+    """
+    meta = read_adapter_config(directory)
+    weights = read_adapter_weights(directory)  # read before the (slow) base model: fail fast
+    spec = model or meta["base_model"]
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    base = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    if (
+        not allow_other_base
+        and meta.get("base_fingerprint")
+        and base_fingerprint(base) != meta["base_fingerprint"]
+    ):
+        raise LitPeftError(
+            f"adapter '{directory}' was trained on base '{meta['base_model']}', which differs from "
+            f"'{spec}' (fingerprint {meta['base_fingerprint']} vs {base_fingerprint(base)})"
+        )
+    method = method_from_config(meta["method"])
+    method.apply(base)
+    method.load_adapter_state_dict(base, weights)
+    base.eval()
+    style = get_style(meta.get("prompt_style") or "auto", tokenizer)
+    return base, tokenizer, method, style

@@ -1,0 +1,181 @@
+"""The method interface: what every PEFT method provides, and the registry of methods by short name.
+
+A method is a small configurable object (its ``__init__`` arguments are its config, which jsonargparse
+reads from YAML) that changes a Hugging Face causal LM in place. The one rule that makes everything else
+generic: after :meth:`PeftMethod.apply`, exactly the method's tensors have ``requires_grad=True``. The
+optimizer, the adapter-only checkpoints and the adapter directory all use that one fact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from litpeft.errors import LitPeftError
+
+METHODS: dict[str, type[PeftMethod]] = {}
+
+
+class PeftLayer:
+    """Mixin for modules a method inserts. ``disabled=True`` makes the layer act as the base model."""
+
+    disabled: bool = False
+
+
+class PeftMethod:
+    """Base class of all PEFT methods. Subclass it, set ``name``, implement :meth:`inject`.
+
+    Subclasses store every ``__init__`` argument as an attribute of the same name, so that
+    :meth:`config` can write the method into an adapter directory and :func:`method_from_config` can
+    build it again.
+    """
+
+    name: ClassVar[str] = ""
+    #: Whether :meth:`merge` folds the method into the base weights.
+    mergeable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name and cls.name not in METHODS:
+            METHODS[cls.name] = cls
+
+    # -- the part a method implements -------------------------------------------------------------
+    def inject(self, model: PreTrainedModel) -> None:
+        """Insert the method's layers into ``model`` (in place). Parameters it creates must be trainable."""
+        raise NotImplementedError(f"{type(self).__name__} must implement inject()")
+
+    def merge(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Fold the method into the base weights; return a plain HF model without method layers."""
+        raise LitPeftError(f"method '{self.name}' cannot be merged into the base weights")
+
+    def to_peft(
+        self, model: PreTrainedModel, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Hugging Face ``peft`` form of the adapter: ``(adapter_config, adapter_state_dict)``."""
+        raise LitPeftError(f"method '{self.name}' has no Hugging Face peft equivalent to export to")
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors that make up the trained adapter (default: every trainable parameter)."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`adapter_state_dict` returned into a model this method was applied to."""
+        own = dict(model.named_parameters())
+        missing = sorted(set(self.adapter_state_dict(model)) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise LitPeftError(
+                f"adapter does not fit the model: {len(missing)} missing tensors (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+        with torch.no_grad():
+            for k, v in state.items():
+                if own[k].shape != v.shape:
+                    raise LitPeftError(
+                        f"adapter tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
+                    )
+                own[k].copy_(v)
+
+    # -- shared behaviour ---------------------------------------------------------------------------
+    def apply(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Freeze the base, inject the method, and return the model (changed in place)."""
+        model.requires_grad_(False)
+        self.inject(model)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise LitPeftError(f"method '{self.name}' found nothing to train in {type(model).__name__}")
+        return model
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": ...}``, the form jsonargparse and adapter directories use."""
+        params = inspect.signature(type(self).__init__).parameters
+        args = {
+            k: getattr(self, k)
+            for k in params
+            if k != "self" and params[k].kind == params[k].POSITIONAL_OR_KEYWORD
+        }
+        args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config()["init_args"].items())
+        return f"{type(self).__name__}({args})"
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the base model: every :class:`PeftLayer` in it is switched off inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, PeftLayer)]
+    before = [m.disabled for m in layers]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before, strict=True):
+            m.disabled = b
+
+
+def method_from_config(config: dict[str, Any]) -> PeftMethod:
+    """Build a method from ``{"class_path", "init_args"}`` or a short name; only PeftMethod subclasses."""
+    import importlib
+
+    import litpeft.methods  # noqa: F401  (registers the built-in methods)
+
+    path = config.get("class_path", "")
+    if path in METHODS:
+        cls = METHODS[path]
+    else:
+        module, _, qualname = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), qualname)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise LitPeftError(
+                f"unknown method '{path}'; built-in methods: {', '.join(sorted(METHODS))}"
+            ) from e
+        if not (isinstance(cls, type) and issubclass(cls, PeftMethod)):
+            raise LitPeftError(f"'{path}' is not a litpeft PeftMethod")
+    return cls(**config.get("init_args", {}))
+
+
+def find_targets(
+    model: nn.Module, target_modules: str | list[str], layer_types: tuple[type, ...]
+) -> list[str]:
+    """Names of modules of ``layer_types`` selected by ``target_modules``.
+
+    Same rules as Hugging Face peft: a list matches a module whose name equals an entry or ends with
+    ``"." + entry``; a string is a regular expression that must match the full name; ``"all-linear"``
+    selects every linear layer except the output (LM head) layer.
+    """
+    import re
+
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, layer_types) or module is output_layer:
+            continue
+        if target_modules == "all-linear":
+            hit = True
+        elif isinstance(target_modules, str):
+            hit = re.fullmatch(target_modules, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in target_modules)
+        if hit:
+            names.append(name)
+    if not names:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, layer_types)})
+        raise LitPeftError(
+            f"target_modules={target_modules!r} matched no layer; this model has: {', '.join(kinds)}"
+        )
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,0 +1,221 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, arXiv 2106.09685), with rsLoRA and DoRA switches.
+
+A frozen linear map ``W`` gets a trainable low-rank update (paper eq. 3)::
+
+    h = W x + (alpha / r) * B A x,      A: r x in,  B: out x r,  B = 0 at init
+
+so the wrapped model starts exactly at the base model. rsLoRA (Kalajdzievski 2023, arXiv 2312.03732)
+scales by ``alpha / sqrt(r)`` instead. DoRA (Liu et al. 2024, arXiv 2402.09353, eq. 5) splits the
+adapted weight into a trainable magnitude ``m`` and a direction::
+
+    W' = m * (W + s B A) / ||W + s B A||_c        (||.||_c: norm of each output row, detached)
+
+QLoRA (Dettmers et al. 2023) is this method on a quantized base (``model.quantize``). Layers hold
+``lora_A`` / ``lora_B`` as ``nn.Linear`` and the wrapped layer as ``base_layer``, so parameter names
+are Hugging Face peft's and export is a rename of the prefix only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, replace_module
+
+
+class LoRALinear(nn.Module, PeftLayer):
+    """``base_layer(x) + scaling * lora_B(lora_A(dropout(x)))`` around an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init: str = "kaiming",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        # Conv1D stores its weight as (in, out) and computes x @ W (peft's fan_in_fan_out).
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        out_features, in_features = self._base_weight().shape
+        w = base_layer.weight
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+        self.reset_lora_parameters(init)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(
+                self._column_norm(self._base_weight().float()).to(w.device)
+            )
+
+    def _base_weight(self) -> torch.Tensor:
+        w = self.base_layer.weight
+        w = (
+            w.dequantize()
+            if hasattr(w, "dequantize") and w.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            else w
+        )
+        return w.T if self.fan_in_fan_out else w
+
+    @staticmethod
+    def _column_norm(weight: torch.Tensor) -> torch.Tensor:
+        return weight.norm(p=2, dim=1)
+
+    def reset_lora_parameters(self, init: str) -> None:
+        if init == "kaiming":  # peft's and the reference implementation's default
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.lora_A.out_features)
+        else:
+            raise ValueError(f"unknown LoRA init '{init}' (kaiming, gaussian)")
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B A`` in the base weight's (out, in) layout."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        a = self.lora_A.weight
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x).to(a.dtype))) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return result + lora.to(result.dtype)
+        # DoRA: m/||W + sBA|| rescales the base output (bias excluded) and the LoRA branch alike.
+        weight = self._base_weight().to(a.dtype) + self.delta_weight()
+        scale = (self.lora_magnitude_vector / self._column_norm(weight).detach()).to(result.dtype)
+        bias = self.base_layer.bias
+        base_out = result - bias if bias is not None else result
+        return result + (scale - 1) * base_out + scale * lora.to(result.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The base weight with the adapter folded in, in the base layer's own layout and dtype."""
+        base = self._base_weight()
+        weight = base.float() + self.delta_weight().float()
+        if self.lora_magnitude_vector is not None:
+            weight = weight * (self.lora_magnitude_vector.float() / self._column_norm(weight))[:, None]
+        weight = weight.T if self.fan_in_fan_out else weight
+        return weight.to(base.dtype if base.is_floating_point() else torch.float32)
+
+
+class LoRA(PeftMethod):
+    """LoRA on the selected linear layers (``nn.Linear`` and GPT-2's ``Conv1D``).
+
+    Args:
+        r: rank of the update.
+        alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout on the LoRA branch input.
+        target_modules: layer names (suffix match), a regex (full match), or ``"all-linear"`` (every linear
+            layer except the LM head).
+        use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
+        use_dora: weight-decomposed LoRA (DoRA): adds a trainable magnitude per output feature.
+        init: ``kaiming`` (uniform, as peft) or ``gaussian`` (std 1/r) for A; B is always 0.
+        bias: ``none``, ``lora_only`` (train the biases of adapted layers) or ``all`` (every bias).
+    """
+
+    name = "lora"
+    mergeable = True
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: str | list[str] = "all-linear",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init: Literal["kaiming", "gaussian"] = "kaiming",
+        bias: Literal["none", "lora_only", "all"] = "none",
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = (
+            list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+        )
+        self.use_rslora, self.use_dora, self.init, self.bias = use_rslora, use_dora, init, bias
+
+    def inject(self, model: PreTrainedModel) -> None:
+        for name in find_targets(model, self.target_modules, (nn.Linear, Conv1D)):
+            base = model.get_submodule(name)
+            layer = LoRALinear(
+                base, self.r, self.alpha, self.dropout, self.use_rslora, self.use_dora, self.init
+            )
+            if self.bias == "lora_only" and base.bias is not None:
+                base.bias.requires_grad_(True)
+            replace_module(model, name, layer)
+        if self.bias == "all":
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):
+                    p.requires_grad_(True)
+
+    def merge(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Fold ``s B A`` (and DoRA's magnitude) into each base weight and remove the LoRA layers."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoRALinear):
+                base = module.base_layer
+                weight = module.merged_weight()
+                if base.weight.dtype != weight.dtype or not isinstance(base, (nn.Linear, Conv1D)):
+                    base = _plain_like(base, weight)
+                else:
+                    base.weight.data.copy_(weight)
+                replace_module(model, name, base)
+        model.requires_grad_(False)
+        return model
+
+    def to_peft(
+        self, model: PreTrainedModel, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        targets = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in state if ".lora_" in k})
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "bias": self.bias,
+            "fan_in_fan_out": isinstance(
+                model.get_submodule(
+                    next(k for k in state if ".lora_A" in k).rsplit(".lora_A", 1)[0] + ".base_layer"
+                ),
+                Conv1D,
+            ),
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+        tensors = {}
+        for k, v in state.items():
+            k = k.replace(".base_layer.bias", ".bias")
+            if k.endswith("lora_magnitude_vector"):
+                k += ".weight"
+            tensors["base_model.model." + k] = v
+        return config, tensors
+
+
+def _plain_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A plain ``nn.Linear``/``Conv1D`` with ``weight``, replacing a quantized layer on merge."""
+    bias = getattr(layer, "bias", None)
+    if isinstance(layer, Conv1D):
+        plain = Conv1D(weight.shape[1], weight.shape[0])
+    else:
+        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    plain.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        plain.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+    return plain

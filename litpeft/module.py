@@ -1,0 +1,176 @@
+"""``PeftLM``: a Hugging Face causal LM with one PEFT method, trained by Lightning."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse import lazy_instance
+from torchmetrics import MeanMetric
+from transformers import PreTrainedModel
+
+from litpeft.data.collate import IGNORE_INDEX
+from litpeft.methods import LoRA, PeftMethod
+from litpeft.models import describe, load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
+
+
+class PeftLM(L.LightningModule):
+    """A causal LM (frozen) plus one PEFT method (trainable).
+
+    Args:
+        model: model spec (see :mod:`litpeft.models`): ``smollm2-135m-instruct``, a directory, a ``.gguf``
+            file, a cached hub id, or ``tiny:<arch>``.
+        method: the PEFT method, e.g. ``{class_path: LoRA, init_args: {r: 16}}``.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        trust_remote_code: allow code from the model directory to run (off by default).
+        adapter_dir: where ``fit`` writes the final adapter; default ``<log_dir>/adapter``.
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        method: PeftMethod = lazy_instance(LoRA),
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        adapter_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_spec, self.method = model, method
+        self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
+        self.adapter_dir = adapter_dir
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.model: PreTrainedModel | None = None
+        self.optimizer_init: dict[str, Any] = DEFAULT_OPTIMIZER
+        self.lr_scheduler_init: dict[str, Any] | None = None
+        # Checkpoints hold only the trainable tensors; loading them must not demand the frozen base.
+        self.strict_loading = False
+        self.train_loss, self.val_loss, self.val_acc = MeanMetric(), MeanMetric(), MeanMetric()
+
+    # -- model --------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = load_model(
+            self.model_spec, trust_remote_code=self.trust_remote_code, tokenizer=self.tokenizer
+        )
+        self.method.apply(self.model)
+        self.model.train()  # dropout as in ordinary fine-tuning; load_model returns eval mode
+        if self.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        info = describe(self.model)
+        log.info(
+            "%s with %s: %s trainable of %s parameters (%.3f%%)",
+            info["architecture"],
+            self.method,
+            f"{info['trainable']:,}",
+            f"{info['parameters']:,}",
+            100 * info["trainable"] / info["parameters"],
+        )
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- loss ---------------------------------------------------------------------------------------
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def loss_and_accuracy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean next-token loss and accuracy over tokens whose label is not -100, and their count.
+
+        The LM head runs only at positions that carry loss: instruction data masks most tokens, and
+        the head is a large share of a small model's FLOPs.
+        """
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        hidden = self.model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        ).last_hidden_state[:, :-1]
+        logits = self.model.get_output_embeddings()(hidden[keep])
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        target = labels[keep]
+        loss = F.cross_entropy(logits.float(), target)
+        accuracy = (logits.argmax(-1) == target).float().mean()
+        return loss, accuracy, int(target.numel())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, acc, n = self.loss_and_accuracy(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/token_acc", acc, batch_size=n)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, acc, n = self.loss_and_accuracy(batch)
+        self.val_loss.update(loss, weight=n)
+        self.val_acc.update(acc, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict(
+            {"val/loss": loss, "val/ppl": torch.exp(loss), "val/token_acc": self.val_acc.compute()},
+            prog_bar=True,
+            sync_dist=False,
+        )
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict(
+            {"test/loss": loss, "test/ppl": torch.exp(loss), "test/token_acc": self.val_acc.compute()}
+        )
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    # -- optimization -------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """Optimizer over the trainable tensors only; the scheduler (if any) steps every optimizer step."""
+        from lightning.pytorch.cli import instantiate_class
+
+        optimizer = instantiate_class(self.trainable_parameters(), self.optimizer_init)
+        if not self.lr_scheduler_init:
+            return optimizer
+        init = self.lr_scheduler_init
+        if "total_steps" in init.get("init_args", {}) and init["init_args"]["total_steps"] is None:
+            init = {
+                **init,
+                "init_args": {
+                    **init["init_args"],
+                    "total_steps": int(self.trainer.estimated_stepping_batches),
+                },
+            }
+        scheduler = instantiate_class(optimizer, init)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: trainable tensors only ----------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
+        checkpoint["litpeft"] = {"model": self.model_spec, "method": self.method.config()}
+
+    def on_fit_end(self) -> None:
+        from litpeft.adapter import save_adapter
+
+        if self.trainer.is_global_zero:
+            target = (
+                Path(self.adapter_dir) if self.adapter_dir else Path(self.trainer.log_dir or ".") / "adapter"
+            )
+            datamodule = getattr(self.trainer, "datamodule", None)
+            save_adapter(target, self, getattr(datamodule, "style", None))
+            self.print(f"adapter written to {target}")
