@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in TOOLS:
             TOOLS[argv[0]](argv[1:])
         else:
-            LitPeftCLI(args=argv)
+            LitPeftCLI(args=argv if argv else None)
     except LitPeftError as e:
         print(f"litpeft: error: {e}", file=sys.stderr)
         sys.exit(2)
