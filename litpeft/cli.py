@@ -7,7 +7,9 @@ litpeft fit --config configs/lora.yaml --print_config   # the full config, runna
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from torch.optim import Optimizer
 
 from litpeft.data import InstructionDataModule
 from litpeft.errors import LitPeftError
+from litpeft.methods import METHODS
 from litpeft.module import PeftLM
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
@@ -67,7 +70,43 @@ class LitPeftCLI(LightningCLI):
             self.model.lr_scheduler_init = cfg.as_dict() if hasattr(cfg, "as_dict") else cfg
 
 
+def _user_error(exc: BaseException) -> str | None:
+    """The one line to show for ``exc``: a LitPeftError anywhere in its chain, or a compact parse error."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, LitPeftError):
+            return str(e)
+        todo += [e.__cause__, e.__context__]
+    if isinstance(exc, ArgumentError):
+        return _compact_parse_error(str(exc))
+    return None
+
+
+def _compact_parse_error(message: str) -> str:
+    """jsonargparse explains a bad value with a nested list of every subtype it tried; keep the cause."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for pattern, template in (
+        (r"Option '([^']+)' is not accepted", "unknown option '{0}'"),
+        (r'Key "([^"]+)" is not expected', "unknown config key '{0}'"),
+        (r"Expected a dot import path string: (\S+)", "unknown class '{0}' (built-in methods: {methods})"),
+        (r"Import path (\S+) does not correspond", "unknown class '{0}' (built-in methods: {methods})"),
+        (r"No module named '([^']+)'", "cannot import '{0}'"),
+    ):
+        for ln in lines:
+            m = re.search(pattern, ln)
+            if m:
+                key = re.search(r'Parser key "([^"]+)"', message)
+                where = f"{key.group(1)}: " if key and "{methods}" not in template else ""
+                return where + template.format(*m.groups(), methods=", ".join(sorted(METHODS)))
+    return lines[0] if len(lines) == 1 else "; ".join(lines[:2])
+
+
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
@@ -76,9 +115,14 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] in TOOLS:
             TOOLS[argv[0]](argv[1:])
         else:
-            LitPeftCLI(args=argv if argv else None)
-    except LitPeftError as e:
-        print(f"litpeft: error: {e}", file=sys.stderr)
+            LitPeftCLI(args=None if from_command_line else argv, parser_kwargs={"exit_on_error": False})
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        message = _user_error(e)
+        if message is None:
+            raise
+        print(f"litpeft: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

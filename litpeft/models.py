@@ -212,8 +212,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
         tok = AutoTokenizer.from_pretrained(
             source, local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except OSError as e:
-        raise LitPeftError(_not_found(spec)) from e
+    except (OSError, ValueError) as e:
+        raise LitPeftError(_load_error(spec, e)) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -239,13 +239,18 @@ def load_model(
                 local_files_only=True,
                 trust_remote_code=trust_remote_code,
             )
-        except OSError as e:
-            raise LitPeftError(_not_found(spec)) from e
+        except (OSError, ValueError) as e:
+            raise LitPeftError(_load_error(spec, e)) from e
     model.requires_grad_(False)
     return model.eval()
 
 
-def _not_found(spec: str) -> str:
+def _load_error(spec: str, error: Exception) -> str:
+    if "trust_remote_code" in str(error):
+        return (f"model '{spec}' contains its own code; litpeft runs it only with trust_remote_code: true "
+                "(enable that only for a source you trust)")
+    if isinstance(error, ValueError):
+        return f"model '{spec}' could not be loaded: {str(error).splitlines()[0]}"
     return (
         f"model '{spec}' is not a local directory, a .gguf file, the alias '{SMOLLM2_ALIAS}', a tiny:<arch> "
         "model, or a hub id in the local Hugging Face cache (litpeft does not download at run time)"

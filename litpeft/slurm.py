@@ -190,13 +190,21 @@ def slurm_layout_error(devices: int, num_nodes: int, environ: Mapping[str, str] 
     return None
 
 
+def _cluster_environment(trainer: pl.Trainer) -> ClusterEnvironment | None:
+    """The Trainer's cluster environment (single-device strategies keep it on the accelerator connector)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None:
+        env = getattr(getattr(trainer, "_accelerator_connector", None), "cluster_environment", None)
+    return env if isinstance(env, ClusterEnvironment) else None
+
+
 def check_slurm_layout(trainer: pl.Trainer, environ: Mapping[str, str] | None = None) -> None:
     """Raise :class:`SlurmLayoutError` if the Trainer does not fit the SLURM job it runs in.
 
     Call it right after building the Trainer, before ``fit``: the mismatch otherwise shows up as a hang in
     the process-group setup. A no-op outside SLURM or when the Trainer does not use ``SLURMEnvironment``.
     """
-    env = getattr(trainer.strategy, "cluster_environment", None)
+    env = _cluster_environment(trainer)
     if env is not None and not isinstance(env, SLURMEnvironment):
         return
     msg = slurm_layout_error(trainer.num_devices, trainer.num_nodes, environ)
@@ -417,7 +425,7 @@ class PreemptionCheckpoint(Callback):
         """Install the flag-only handler and switch Lightning's own auto-requeue off."""
         if stage != "fit":
             return
-        env = getattr(trainer.strategy, "cluster_environment", None)
+        env = _cluster_environment(trainer)
         if isinstance(env, SLURMEnvironment) and env.auto_requeue:
             # Runs before Trainer registers its signal handlers, so Lightning's save-in-handler never runs.
             env.auto_requeue = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
@@ -62,6 +63,10 @@ class TinyModel(BoringModel):
             path = cb.checkpoint_path(self.trainer)
             os.kill(os.getpid(), self.signum)
             self.sent = True
+            for _ in range(1000):  # the handler runs at the interpreter's next check (immediately in practice)
+                if cb.signal_received:
+                    break
+                time.sleep(0.001)
             # The handler has run by now (CPython runs it before the next bytecode): it must have
             # only set the flag -- nothing saved, nothing stopped, from inside the handler.
             self.handler_checks = {
@@ -143,6 +148,32 @@ def test_no_requeue_outside_slurm_and_custom_signal(tmp_path: Path) -> None:
     assert cb.preempted and not cb.requeued  # no SLURM_JOB_ID: save and stop only
     assert trainer.global_step == 2
     assert find_resume_checkpoint(tmp_path / "ck", "preempt.ckpt") == str(tmp_path / "ck" / "preempt.ckpt")
+
+
+def test_ranks_agree_a_signal_on_another_rank_stops_this_one(tmp_path: Path) -> None:
+    """The flag is reduced with "any" over ranks: a rank that got no signal still saves and stops."""
+
+    class OtherRankSignalled(Callback):
+        def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+            calls: list[tuple[bool, bool]] = []
+
+            def reduce_any(decision: bool, all: bool = True) -> bool:
+                calls.append((decision, all))
+                return trainer.global_step >= 3 and not all  # "rank 1" got the signal before step 3 ended
+
+            trainer.strategy.reduce_boolean_decision = reduce_any  # type: ignore[method-assign]
+            pl_module.reduce_calls = calls
+
+    seed_everything(7, verbose=False)
+    cb = PreemptionCheckpoint()
+    trainer = make_trainer(tmp_path, cb)
+    trainer.callbacks.insert(0, OtherRankSignalled())
+    model = TinyModel()
+    trainer.fit(model)
+    assert not cb.signal_received  # this rank never got the signal ...
+    assert cb.preempted and trainer.global_step == 3  # ... but saved and stopped with the others
+    assert os.path.isfile(cb.checkpoint_path(trainer))
+    assert model.reduce_calls == [(False, False)] * 3  # one collective per optimizer step, "any" semantics
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -103,6 +103,8 @@ class InstructionDataModule(L.LightningDataModule):
         self.val_samples: list[list[Message]] = []
         self.train_data: list[dict[str, list[int]]] = []
         self.val_data: list[dict[str, list[int]]] = []
+        # Read (and validate) the rows now: bad data fails before a run directory is created.
+        self.load_samples()
 
     # -- loading ----------------------------------------------------------------------------------
     def load_samples(self) -> None:
@@ -161,7 +163,6 @@ class InstructionDataModule(L.LightningDataModule):
             return
         tokenizer = self._resolve_tokenizer()
         self.style = get_style(self.prompt_style, tokenizer)
-        self.load_samples()
         self.train_data = self.tokenize(self.train_samples, "train")
         self.val_data = self.tokenize(self.val_samples, "val")
         if not self.train_data:

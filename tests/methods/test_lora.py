@@ -1,0 +1,142 @@
+"""LoRA: zero-change start, parity with Hugging Face peft, merge, targets, bias, rsLoRA/DoRA."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers.pytorch_utils import Conv1D
+
+from litpeft.errors import LitPeftError
+from litpeft.methods import LoRA, LoRALinear, adapters_disabled
+from litpeft.models import load_model
+
+ARCHS = ["llama", "qwen2", "gpt2", "mistral", "phi3"]
+
+
+def _inputs(vocab: int = 250) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def _randomize_lora(model: torch.nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step0_logits_equal_base(arch: str) -> None:
+    base = load_model(f"tiny:{arch}")
+    model = LoRA(r=4, alpha=8).apply(copy.deepcopy(base)).eval()
+    x = _inputs()
+    assert torch.equal(model(x).logits, base(x).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize(
+    "kwargs, peft_kwargs",
+    [
+        ({"r": 4, "target_modules": "all-linear"}, {"r": 4, "target_modules": "all-linear"}),
+        ({"r": 8, "target_modules": ["q_proj", "v_proj", "c_attn"]}, {"r": 8, "target_modules": ["q_proj", "v_proj", "c_attn"]}),
+        ({"r": 2, "target_modules": r".*\.(k_proj|c_fc)"}, {"r": 2, "target_modules": r".*\.(k_proj|c_fc)"}),
+        ({"r": 4, "bias": "lora_only"}, {"r": 4, "target_modules": "all-linear", "bias": "lora_only"}),
+        ({"r": 4, "bias": "all"}, {"r": 4, "target_modules": "all-linear", "bias": "all"}),
+        ({"r": 4, "use_dora": True}, {"r": 4, "target_modules": "all-linear", "use_dora": True}),
+    ],
+)
+def test_trainable_count_equals_peft(arch: str, kwargs: dict, peft_kwargs: dict) -> None:
+    base = load_model(f"tiny:{arch}")
+    ours = LoRA(**kwargs).apply(copy.deepcopy(base))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**peft_kwargs))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert count(ours) == count(theirs) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("use_rslora, use_dora", [(False, False), (True, False), (False, True)])
+def test_forward_equals_peft_with_same_weights(arch: str, use_rslora: bool, use_dora: bool) -> None:
+    """Copy our (non-zero) adapter into peft's model by name: both must compute the same logits."""
+    base = load_model(f"tiny:{arch}")
+    ours = LoRA(r=4, alpha=12, use_rslora=use_rslora, use_dora=use_dora).apply(copy.deepcopy(base)).eval()
+    _randomize_lora(ours)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules="all-linear",
+                                                            use_rslora=use_rslora, use_dora=use_dora)).eval()
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                key = "base_model.model." + name.replace("lora_A.weight", "lora_A.default.weight").replace(
+                    "lora_B.weight", "lora_B.default.weight").replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")
+                theirs_params[key].copy_(p)
+    x = _inputs()
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merged_logits_equal_unmerged(arch: str, use_dora: bool) -> None:
+    model = LoRA(r=4, alpha=8, use_dora=use_dora, bias="lora_only").apply(load_model(f"tiny:{arch}")).eval()
+    _randomize_lora(model)
+    x = _inputs()
+    before = model(x).logits
+    merged = LoRA(r=4).merge(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert not any(p.requires_grad for p in merged.parameters())
+    # fp32 reassociation of (W + sBA) x vs W x + s B (A x): tolerance 1e-5 absolute.
+    torch.testing.assert_close(merged(x).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_conv1d_is_handled_with_transposed_weight() -> None:
+    model = LoRA(r=4, target_modules=["c_attn"]).apply(load_model("tiny:gpt2"))
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base_layer, Conv1D)
+    # Conv1D(nx=64, nf=192) maps 64 -> 192: A is (r, 64), B is (192, r).
+    assert layer.lora_A.weight.shape == (4, 64) and layer.lora_B.weight.shape == (192, 4)
+
+
+def test_only_lora_tensors_train() -> None:
+    model = LoRA(r=4).apply(load_model("tiny:llama"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert not model.lm_head.weight.requires_grad
+
+
+def test_adapters_disabled_gives_base_output() -> None:
+    base = load_model("tiny:llama")
+    model = LoRA(r=4).apply(copy.deepcopy(base)).eval()
+    _randomize_lora(model)
+    x = _inputs()
+    assert not torch.equal(model(x).logits, base(x).logits)
+    with adapters_disabled(model):
+        assert torch.equal(model(x).logits, base(x).logits)
+
+
+def test_rslora_and_gaussian_init() -> None:
+    layer = LoRA(r=16, alpha=8, use_rslora=True, init="gaussian").apply(load_model("tiny:llama")).model.layers[0].self_attn.q_proj
+    assert layer.scaling == pytest.approx(8 / 4)  # alpha / sqrt(r)
+    assert layer.lora_A.weight.std().item() == pytest.approx(1 / 16, rel=0.2)
+    assert torch.count_nonzero(layer.lora_B.weight) == 0
+
+
+def test_bad_config_errors_name_the_option() -> None:
+    with pytest.raises(LitPeftError, match="target_modules=.*matched no layer"):
+        LoRA(target_modules=["nope"]).apply(load_model("tiny:llama"))
+    with pytest.raises(ValueError, match="rank r must be positive"):
+        LoRA(r=0)
+
+
+def test_config_round_trip() -> None:
+    from litpeft.methods import method_from_config
+
+    method = LoRA(r=3, alpha=5.0, target_modules=["q_proj"], use_dora=True)
+    again = method_from_config(method.config())
+    assert again.config() == method.config()
+    assert method_from_config({"class_path": "lora", "init_args": {"r": 2}}).r == 2
+    with pytest.raises(LitPeftError, match="unknown method"):
+        method_from_config({"class_path": "litpeft.nope.Nope"})
+    with pytest.raises(LitPeftError, match="not a litpeft PeftMethod"):
+        method_from_config({"class_path": "torch.nn.Linear"})
