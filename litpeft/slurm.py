@@ -14,6 +14,22 @@ This module replaces those pieces:
   resume-if-present: ``None`` on a first run, the callback's checkpoint on a requeued one.
 * :func:`check_slurm_layout` -- raises :class:`SlurmLayoutError` naming both numbers when the SLURM
   job's tasks disagree with ``devices x num_nodes``.
+
+Wiring into a LightningCLI subclass::
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        check_slurm_layout(trainer)  # fail fast instead of hanging in the DDP setup
+        if is_slurm_job() and not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(PreemptionCheckpoint())
+        return trainer
+
+    def before_fit(self):
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") is None:  # no --ckpt_path given: resume if a checkpoint is there
+            cfg["ckpt_path"] = auto_resume_checkpoint(self.trainer)
+
+Submit with ``#SBATCH --signal=USR1@90 --requeue --open-mode=append`` (see scripts/slurm/*.sbatch).
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ __all__ = [
     "find_resume_checkpoint",
     "is_slurm_job",
     "slurm_job_id",
+    "slurm_layout_error",
     "slurm_plugins",
 ]
 
@@ -239,10 +256,12 @@ def find_resume_checkpoint(
 def auto_resume_checkpoint(trainer: pl.Trainer) -> str | None:
     """``ckpt_path`` for a ``fit`` that was given none: the :class:`PreemptionCheckpoint` file if present.
 
-    Returns ``None`` when the Trainer has no :class:`PreemptionCheckpoint` callback (auto-resume is opt-in)
-    or when its checkpoint does not exist yet.
+    Returns ``None`` when the Trainer has no :class:`PreemptionCheckpoint` callback (auto-resume is opt-in),
+    when its checkpoint does not exist yet, or for a ``fast_dev_run``.
     """
-    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+    if trainer.fast_dev_run:
+        return None
+    for cb in trainer.callbacks:
         if isinstance(cb, PreemptionCheckpoint):
             path = find_resume_checkpoint(cb.resolve_dirpath(trainer), cb.filename)
             if path is not None:
@@ -334,7 +353,9 @@ class PreemptionCheckpoint(Callback):
       an extra requeue of a finished job resumes at ``max_steps`` and stops at once instead of redoing work.
 
     Lightning's own SLURM auto-requeue is switched off at ``setup`` (it would save inside the handler).
-    Resume with ``trainer.fit(model, ckpt_path=auto_resume_checkpoint(trainer))``.
+    Resume with ``trainer.fit(model, ckpt_path=auto_resume_checkpoint(trainer))``. The signal is only
+    acted on after training-batch ends, so keep the ``--signal`` lead time above one step + one save (plus
+    any validation run that may be in progress). ``fast_dev_run`` never writes the checkpoint.
 
     Args:
         dirpath: Directory of the checkpoint; default ``<trainer.default_root_dir>/resume``. It must be the
@@ -449,7 +470,7 @@ class PreemptionCheckpoint(Callback):
         step = trainer.global_step
         # Only at optimizer-step boundaries (not inside gradient accumulation); global_step is equal on
         # all ranks, so every rank makes the same decision about entering the collective below.
-        if self.preempted or step == self._last_checked_step:
+        if self.preempted or trainer.fast_dev_run or step == self._last_checked_step:
             return
         self._last_checked_step = step
         if step % self.check_every_n_steps != 0:
@@ -473,7 +494,7 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Write the final state to the same file so a rerun of a finished job is a no-op."""
-        if self.save_on_train_end and not self.preempted and not trainer.sanity_checking:
+        if self.save_on_train_end and not self.preempted and not trainer.fast_dev_run:
             atomic_save_checkpoint(trainer, self.checkpoint_path(trainer))
 
     def on_exception(

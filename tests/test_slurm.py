@@ -255,9 +255,18 @@ def test_signal_on_last_step_finishes_instead_of_requeueing(tmp_path: Path) -> N
     assert ckpt["global_step"] == MAX_STEPS  # saved by save_on_train_end
 
 
-def test_auto_resume_is_opt_in(tmp_path: Path) -> None:
+def test_auto_resume_is_opt_in_and_off_for_fast_dev_run(tmp_path: Path) -> None:
+    run(tmp_path, signal_at_step=None)
+    assert find_resume_checkpoint(tmp_path / "resume") is not None
     trainer = Trainer(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False)
     assert auto_resume_checkpoint(trainer) is None  # no PreemptionCheckpoint callback: never resume
+
+    # A fast_dev_run neither resumes nor leaves a checkpoint that a real run would resume from.
+    cb = PreemptionCheckpoint(dirpath=str(tmp_path / "fdr"))
+    trainer = make_trainer(tmp_path, cb, fast_dev_run=True)
+    assert auto_resume_checkpoint(trainer) is None
+    trainer.fit(TinyModel(signal_at_step=0))
+    assert not cb.preempted and not (tmp_path / "fdr").exists()
 
 
 def test_setup_disables_lightning_auto_requeue() -> None:
@@ -327,11 +336,18 @@ def test_layout_check_detects_missing_srun() -> None:
     assert msg is not None and "srun" in msg and "1 of the 2" in msg
 
 
-def test_check_slurm_layout_raises_on_trainer(tmp_path: Path) -> None:
+def test_check_slurm_layout_raises_on_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False)
-    check_slurm_layout(trainer, environ={})  # outside SLURM: fine
+    check_slurm_layout(trainer)  # outside SLURM: fine
+
+    # Rank 0 of a 2-task step whose Trainer was (mis)configured for 1 device.
+    for key, value in {**SLURM_2X1, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False)
     with pytest.raises(SlurmLayoutError, match=r"2 tasks .* devices=1 x num_nodes=1 = 1 processes"):
-        check_slurm_layout(trainer, environ=SLURM_2X1)
+        check_slurm_layout(trainer)
+    trainer = Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    check_slurm_layout(trainer)  # 2 tasks x 1 node == devices=2 x num_nodes=1
 
 
 def test_slurm_plugins_and_job_id() -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Literal
 
@@ -22,31 +23,26 @@ log = logging.getLogger(__name__)
 
 
 class ResumableSampler(DistributedSampler):
-    """Shuffles with ``seed + epoch`` and shards across ranks; skips the batches a resumed epoch already saw.
+    """Shuffles with ``seed + epoch`` and shards across ranks; a resumed run continues mid-epoch.
 
+    ``batches_done()`` returns how many training batches the run has consumed in total (restored from
+    the checkpoint on resume); the data epoch and the batches to skip follow from it, so the order does
+    not depend on Lightning's epoch counter (which is one ahead after a run stopped by ``max_steps``).
     Subclassing ``DistributedSampler`` keeps Lightning from wrapping it in a sampler of its own.
-    ``skip_batches`` is asked for the number of batches to skip each time an epoch starts.
     """
 
-    def __init__(
-        self,
-        dataset: Any,
-        num_replicas: int,
-        rank: int,
-        shuffle: bool,
-        seed: int,
-        batch_size: int,
-        skip_batches: Any = None,
-    ) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
-        )
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, shuffle: bool, seed: int, batch_size: int,
+                 batches_done: Callable[[], int] | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.batch_size = batch_size
-        self.skip_batches = skip_batches
+        self.batches_done = batches_done
 
     def __iter__(self) -> Iterator[int]:
+        skip = 0
+        if self.batches_done is not None:
+            per_epoch = math.ceil(self.num_samples / self.batch_size)
+            self.epoch, skip = divmod(self.batches_done(), per_epoch)
         indices = list(super().__iter__())
-        skip = self.skip_batches() if self.skip_batches else 0
         return iter(indices[skip * self.batch_size :])
 
 
@@ -173,10 +169,8 @@ class InstructionDataModule(L.LightningDataModule):
         return partial(pad_batch, pad_id=self.tokenizer.pad_token_id)
 
     def _batches_done(self) -> int:
-        """Batches of the current epoch already trained (non-zero only when resuming mid-epoch)."""
-        if self.trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        """Training batches consumed so far by this run (restored from the checkpoint on resume)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.ready if self.trainer else 0
 
     def train_dataloader(self) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
@@ -187,7 +181,7 @@ class InstructionDataModule(L.LightningDataModule):
             shuffle=True,
             seed=self.seed,
             batch_size=self.batch_size,
-            skip_batches=self._batches_done,
+            batches_done=self._batches_done,
         )
         return DataLoader(
             self.train_data,

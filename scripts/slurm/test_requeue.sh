@@ -107,15 +107,15 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 log_has() { grep -qE "$1" "$LOG" 2>/dev/null; }
 job_gone() { [ -z "$(squeue -h -j "$JOB" 2>/dev/null)" ]; }
 
-wait_for 180 "step $SIGNAL_AT_STEP of the first run" log_has "STEP rank=0 global_step=$SIGNAL_AT_STEP "
+wait_for 300 "step $SIGNAL_AT_STEP of the first run" log_has "STEP rank=0 global_step=$SIGNAL_AT_STEP "
 say "first run reached step $SIGNAL_AT_STEP; sending SIGUSR1 (scancel --signal=USR1 $JOB)"
 scancel --signal=USR1 "$JOB"
 
 wait_for 60 "the preemption checkpoint" log_has "preemption signal: saved"
 say "checkpoint saved; waiting for the requeue"
-wait_for 120 "the requeued run (SLURM_RESTART_COUNT=1)" log_has "SLURM_RESTART_COUNT=1"
+wait_for 180 "the requeued run (SLURM_RESTART_COUNT=1)" log_has "SLURM_RESTART_COUNT=1"
 say "requeued; waiting for the job to finish"
-wait_for 240 "the requeued run to finish" job_gone
+wait_for 420 "the requeued run to finish" job_gone
 say "job left the queue"
 
 # ---- 4. checks
