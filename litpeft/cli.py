@@ -13,6 +13,7 @@ from argparse import ArgumentError
 from collections.abc import Callable
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
@@ -20,6 +21,7 @@ from litpeft.data import InstructionDataModule
 from litpeft.errors import LitPeftError
 from litpeft.methods import METHODS
 from litpeft.module import PeftLM
+from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
 TOOLS: dict[str, Callable[[list[str]], None]] = {}
@@ -49,6 +51,19 @@ class LitPeftCLI(LightningCLI):
             data={"class_path": "litpeft.data.InstructionDataModule"},
             optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}},
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        check_slurm_layout(trainer)  # a clear error instead of a DDP hang when the job and Trainer disagree
+        if is_slurm_job() and not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(PreemptionCheckpoint())
+        return trainer
+
+    def before_fit(self) -> None:
+        # Without --ckpt_path, resume from the preemption checkpoint when one exists (a requeued job).
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is None:
+            config["ckpt_path"] = auto_resume_checkpoint(self.trainer)
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI would build the optimizer now, from all parameters of a model that does not exist

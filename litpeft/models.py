@@ -247,8 +247,10 @@ def load_model(
 
 def _load_error(spec: str, error: Exception) -> str:
     if "trust_remote_code" in str(error):
-        return (f"model '{spec}' contains its own code; litpeft runs it only with trust_remote_code: true "
-                "(enable that only for a source you trust)")
+        return (
+            f"model '{spec}' contains its own code; litpeft runs it only with trust_remote_code: true "
+            "(enable that only for a source you trust)"
+        )
     if isinstance(error, ValueError):
         return f"model '{spec}' could not be loaded: {str(error).splitlines()[0]}"
     return (

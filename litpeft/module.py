@@ -167,6 +167,8 @@ class PeftLM(L.LightningModule):
     def on_fit_end(self) -> None:
         from litpeft.adapter import save_adapter
 
+        if any(getattr(c, "preempted", False) for c in self.trainer.callbacks):
+            return  # stopped for a requeue: the run is not finished, its resume checkpoint is what counts
         if self.trainer.is_global_zero:
             target = (
                 Path(self.adapter_dir) if self.adapter_dir else Path(self.trainer.log_dir or ".") / "adapter"

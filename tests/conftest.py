@@ -25,9 +25,34 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def word_rows(n: int = 24) -> list[dict]:
     """A tiny deterministic task: answer with the reverse of a short word."""
-    words = ["apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "ocean", "piano", "zebra", "candle",
-             "forest", "garden", "honey", "island", "jungle", "kettle", "ladder", "mirror", "needle", "orange",
-             "pepper", "quartz", "rocket", "saddle", "turtle"]
+    words = [
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "maple",
+        "tiger",
+        "lemon",
+        "ocean",
+        "piano",
+        "zebra",
+        "candle",
+        "forest",
+        "garden",
+        "honey",
+        "island",
+        "jungle",
+        "kettle",
+        "ladder",
+        "mirror",
+        "needle",
+        "orange",
+        "pepper",
+        "quartz",
+        "rocket",
+        "saddle",
+        "turtle",
+    ]
     return [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in words[:n]]
 
 
@@ -39,8 +64,14 @@ def word_data(tmp_path: Path) -> Path:
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m litpeft ARGS`` as a user would, in ``cwd``."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "litpeft", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "litpeft", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,9 @@ def test_tiny_tokenizer_round_trips_text_and_has_chat_template() -> None:
     text = "Grüße, world! 123"
     assert tok.decode(tok(text).input_ids) == text
     assert tok.pad_token_id != tok.eos_token_id
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -62,10 +64,18 @@ def test_remote_code_never_runs_by_default(tmp_path: Path) -> None:
     marker = tmp_path / "code-ran"
     (d / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
     (d / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
-    (d / "config.json").write_text(json.dumps({
-        "model_type": "evil", "architectures": ["EvilForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"},
-    }))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "evil",
+                "architectures": ["EvilForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_evil.EvilConfig",
+                    "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+                },
+            }
+        )
+    )
     with pytest.raises(LitPeftError, match="trust_remote_code"):
         load_model(str(d))
     assert not marker.exists()

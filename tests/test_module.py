@@ -15,8 +15,10 @@ from tests.conftest import word_data  # noqa: F401  (fixture)
 def _module(**kwargs) -> PeftLM:
     module = PeftLM(model="tiny:llama", method=LoRA(r=4, alpha=8), **kwargs)
     module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
-    module.lr_scheduler_init = {"class_path": "litpeft.schedulers.WarmupCosine",
-                                "init_args": {"warmup_steps": 2, "total_steps": None}}
+    module.lr_scheduler_init = {
+        "class_path": "litpeft.schedulers.WarmupCosine",
+        "init_args": {"warmup_steps": 2, "total_steps": None},
+    }
     return module
 
 
@@ -25,7 +27,9 @@ def test_loss_equals_hf_loss_on_unmasked_positions() -> None:
     module = _module()
     module.configure_model()
     tok = module.tokenizer
-    ids = torch.tensor([tok("what is this? it is a test").input_ids, tok("another row, also here ok!").input_ids])
+    ids = torch.tensor(
+        [tok("what is this? it is a test").input_ids, tok("another row, also here ok!").input_ids]
+    )
     labels = ids.clone()
     labels[:, :8] = -100
     mask = torch.ones_like(ids)
@@ -55,15 +59,28 @@ class _Interrupt(L.Callback):
             trainer.should_stop = True
 
 
-def _fit(data: Path, root: Path, max_steps: int, ckpt_path: str | None = None, stop_at: int | None = None
-         ) -> tuple[_RecordLosses, PeftLM]:
+def _fit(
+    data: Path, root: Path, max_steps: int, ckpt_path: str | None = None, stop_at: int | None = None
+) -> tuple[_RecordLosses, PeftLM]:
     L.seed_everything(0)
     record = _RecordLosses()
     extra = [_Interrupt(stop_at)] if stop_at else []
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        default_root_dir=root, callbacks=[record, L.pytorch.callbacks.ModelCheckpoint(
-                            dirpath=root / "ckpt", save_last=True), *extra], enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=root,
+        callbacks=[
+            record,
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True),
+            *extra,
+        ],
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     module = _module(adapter_dir=str(root / "adapter"))
     dm = InstructionDataModule(train_file=str(data), val_fraction=0.0, batch_size=4, max_seq_length=64)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
@@ -83,9 +100,13 @@ def test_resume_mid_epoch_continues_the_same_loss_curve(word_data: Path, tmp_pat
     # 24 rows, batch 4: 6 batches per epoch. Stop at step 4 (mid-epoch), resume to step 9 (into epoch 2).
     full, full_module = _fit(word_data, tmp_path / "full", max_steps=9)
     first, _ = _fit(word_data, tmp_path / "part", max_steps=9, stop_at=4)
-    second, resumed = _fit(word_data, tmp_path / "part", max_steps=9, ckpt_path=str(tmp_path / "part/ckpt/last.ckpt"))
+    second, resumed = _fit(
+        word_data, tmp_path / "part", max_steps=9, ckpt_path=str(tmp_path / "part/ckpt/last.ckpt")
+    )
     assert len(full.losses) == 9 and len(first.losses) == 4 and len(second.losses) == 5
-    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6
+    )
     assert resumed.trainer.global_step == 9
     for (n, a), b in zip(full_module.named_parameters(), resumed.parameters(), strict=True):
         if a.requires_grad:

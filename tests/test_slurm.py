@@ -58,12 +58,18 @@ class TinyModel(BoringModel):
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         self.steps_seen.append((self.trainer.global_step, self.trainer.current_epoch, batch_idx))
-        if self.signal_at_step is not None and self.trainer.global_step == self.signal_at_step and not self.sent:
+        if (
+            self.signal_at_step is not None
+            and self.trainer.global_step == self.signal_at_step
+            and not self.sent
+        ):
             cb = next(c for c in self.trainer.callbacks if isinstance(c, PreemptionCheckpoint))
             path = cb.checkpoint_path(self.trainer)
             os.kill(os.getpid(), self.signum)
             self.sent = True
-            for _ in range(1000):  # the handler runs at the interpreter's next check (immediately in practice)
+            for _ in range(
+                1000
+            ):  # the handler runs at the interpreter's next check (immediately in practice)
                 if cb.signal_received:
                     break
                 time.sleep(0.001)
@@ -106,7 +112,9 @@ def make_trainer(root: Path, cb: PreemptionCheckpoint, max_steps: int = MAX_STEP
     )
 
 
-def run(root: Path, signal_at_step: int | None, **cb_kw: Any) -> tuple[Trainer, TinyModel, PreemptionCheckpoint]:
+def run(
+    root: Path, signal_at_step: int | None, **cb_kw: Any
+) -> tuple[Trainer, TinyModel, PreemptionCheckpoint]:
     """One 'job': build trainer + model, resume if a checkpoint exists, fit."""
     seed_everything(7, verbose=False)
     cb = PreemptionCheckpoint(**cb_kw)
@@ -125,7 +133,12 @@ def test_signal_handler_only_sets_flag_then_saves_requeues_and_stops(
     requeue_cmd = [sys.executable, "-c", f"open({str(marker)!r}, 'w').write('{{job_id}}')"]
     trainer, model, cb = run(tmp_path, signal_at_step=3, requeue_command=requeue_cmd)
 
-    assert model.handler_checks == {"flag": True, "file_exists": False, "should_stop": False, "preempted": False}
+    assert model.handler_checks == {
+        "flag": True,
+        "file_exists": False,
+        "should_stop": False,
+        "preempted": False,
+    }
     # Acted at the end of the batch that got the signal: step 3 -> 4, then stopped.
     assert cb.preempted and cb.requeued
     assert trainer.global_step == 4
@@ -231,7 +244,10 @@ def test_first_run_starts_fresh_and_requeued_run_resumes_to_max_steps(
     # Same (global_step, epoch, batch_idx) sequence and final counters as one uninterrupted run.
     ref_trainer, ref_model, _ = run(tmp_path / "reference", signal_at_step=None)
     assert model1.steps_seen + model2.steps_seen == ref_model.steps_seen
-    assert (trainer2.global_step, trainer2.current_epoch) == (ref_trainer.global_step, ref_trainer.current_epoch)
+    assert (trainer2.global_step, trainer2.current_epoch) == (
+        ref_trainer.global_step,
+        ref_trainer.current_epoch,
+    )
     if saved_step % BATCHES_PER_EPOCH == 0:
         # Preempted at an epoch boundary: bit-identical to the uninterrupted run (weights + optimizer
         # state restored). Mid-epoch, a plain DataLoader restarts its epoch's data order on resume
@@ -324,7 +340,12 @@ def test_layout_check_matches_and_mismatches() -> None:
     msg = slurm_layout_error(4, 1, two_nodes)
     assert msg is not None and "num_nodes=1" in msg and "trainer.num_nodes=2" in msg
 
-    uneven = {**SLURM_2X1, "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_TASKS_PER_NODE": "2,1"}
+    uneven = {
+        **SLURM_2X1,
+        "SLURM_NTASKS": "3",
+        "SLURM_STEP_NUM_TASKS": "3",
+        "SLURM_STEP_TASKS_PER_NODE": "2,1",
+    }
     uneven.pop("SLURM_NTASKS_PER_NODE")
     msg = slurm_layout_error(2, 2, uneven)
     assert msg is not None and "uneven" in msg
@@ -346,7 +367,9 @@ def test_check_slurm_layout_raises_on_trainer(tmp_path: Path, monkeypatch: pytes
     trainer = Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False)
     with pytest.raises(SlurmLayoutError, match=r"2 tasks .* devices=1 x num_nodes=1 = 1 processes"):
         check_slurm_layout(trainer)
-    trainer = Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    trainer = Trainer(
+        default_root_dir=str(tmp_path), accelerator="cpu", devices=2, strategy="ddp", logger=False
+    )
     check_slurm_layout(trainer)  # 2 tasks x 1 node == devices=2 x num_nodes=1
 
 

@@ -31,9 +31,19 @@ class ResumableSampler(DistributedSampler):
     Subclassing ``DistributedSampler`` keeps Lightning from wrapping it in a sampler of its own.
     """
 
-    def __init__(self, dataset: Any, num_replicas: int, rank: int, shuffle: bool, seed: int, batch_size: int,
-                 batches_done: Callable[[], int] | None = None) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+    def __init__(
+        self,
+        dataset: Any,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        batch_size: int,
+        batches_done: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
         self.batch_size = batch_size
         self.batches_done = batches_done
 

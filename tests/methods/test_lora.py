@@ -41,7 +41,10 @@ def test_step0_logits_equal_base(arch: str) -> None:
     "kwargs, peft_kwargs",
     [
         ({"r": 4, "target_modules": "all-linear"}, {"r": 4, "target_modules": "all-linear"}),
-        ({"r": 8, "target_modules": ["q_proj", "v_proj", "c_attn"]}, {"r": 8, "target_modules": ["q_proj", "v_proj", "c_attn"]}),
+        (
+            {"r": 8, "target_modules": ["q_proj", "v_proj", "c_attn"]},
+            {"r": 8, "target_modules": ["q_proj", "v_proj", "c_attn"]},
+        ),
         ({"r": 2, "target_modules": r".*\.(k_proj|c_fc)"}, {"r": 2, "target_modules": r".*\.(k_proj|c_fc)"}),
         ({"r": 4, "bias": "lora_only"}, {"r": 4, "target_modules": "all-linear", "bias": "lora_only"}),
         ({"r": 4, "bias": "all"}, {"r": 4, "target_modules": "all-linear", "bias": "all"}),
@@ -63,14 +66,17 @@ def test_forward_equals_peft_with_same_weights(arch: str, use_rslora: bool, use_
     base = load_model(f"tiny:{arch}")
     ours = LoRA(r=4, alpha=12, use_rslora=use_rslora, use_dora=use_dora).apply(copy.deepcopy(base)).eval()
     _randomize_lora(ours)
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=12, target_modules="all-linear",
-                                                            use_rslora=use_rslora, use_dora=use_dora)).eval()
+    theirs = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", use_rslora=use_rslora, use_dora=use_dora),
+    ).eval()
     theirs_params = dict(theirs.named_parameters())
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if p.requires_grad:
                 key = "base_model.model." + name.replace("lora_A.weight", "lora_A.default.weight").replace(
-                    "lora_B.weight", "lora_B.default.weight").replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")
+                    "lora_B.weight", "lora_B.default.weight"
+                ).replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")
                 theirs_params[key].copy_(p)
     x = _inputs()
     torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
@@ -116,7 +122,12 @@ def test_adapters_disabled_gives_base_output() -> None:
 
 
 def test_rslora_and_gaussian_init() -> None:
-    layer = LoRA(r=16, alpha=8, use_rslora=True, init="gaussian").apply(load_model("tiny:llama")).model.layers[0].self_attn.q_proj
+    layer = (
+        LoRA(r=16, alpha=8, use_rslora=True, init="gaussian")
+        .apply(load_model("tiny:llama"))
+        .model.layers[0]
+        .self_attn.q_proj
+    )
     assert layer.scaling == pytest.approx(8 / 4)  # alpha / sqrt(r)
     assert layer.lora_A.weight.std().item() == pytest.approx(1 / 16, rel=0.2)
     assert torch.count_nonzero(layer.lora_B.weight) == 0

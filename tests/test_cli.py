@@ -1,0 +1,121 @@
+"""The ``litpeft`` command as a user runs it: a fit from a config, and one clear line for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli, word_data, write_jsonl  # noqa: F401
+
+
+def _tiny_config(tmp_path: Path, data: Path) -> Path:
+    """configs/lora.yaml with a tiny model, the test data and a few steps: what a user would edit."""
+    config = yaml.safe_load((REPO / "configs" / "lora.yaml").read_text())
+    config["model"]["init_args"]["model"] = "tiny:llama"
+    config["data"]["init_args"].update(train_file=str(data), batch_size=4, max_seq_length=64)
+    config["trainer"].update(
+        max_steps=4, precision="32-true", default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False
+    )
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_end_to_end_from_a_config(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+    result = run_cli("fit", "--config", str(_tiny_config(tmp_path, word_data)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert (run / "adapter" / "adapter.safetensors").is_file() and (
+        run / "adapter" / "adapter.yaml"
+    ).is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    meta = yaml.safe_load((run / "adapter" / "adapter.yaml").read_text())
+    assert meta["base_model"] == "tiny:llama" and meta["method"]["class_path"] == "litpeft.methods.lora.LoRA"
+    assert meta["prompt_style"] == "chat_template"
+
+
+def test_print_config_runs_as_is(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+    printed = run_cli(
+        "fit", "--config", str(_tiny_config(tmp_path, word_data)), "--print_config", cwd=tmp_path
+    )
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    full = tmp_path / "full.yaml"
+    full.write_text(printed.stdout)
+    assert yaml.safe_load(printed.stdout)["model"]["init_args"]["method"]["init_args"]["r"] == 16
+    result = run_cli("fit", "--config", str(full), "--trainer.max_steps", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_user_subclass_by_class_path(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+    """A user's own PeftLM and LoRA subclasses, named by class_path, are what runs."""
+    (tmp_path / "my_ext.py").write_text(
+        "from litpeft import PeftLM, LoRA\n"
+        "class MyLoRA(LoRA):\n"
+        "    def inject(self, model):\n"
+        "        super().inject(model)\n"
+        "        open('my_lora_ran', 'w').write('yes')\n"
+        "class MyLM(PeftLM):\n"
+        "    def on_fit_end(self):\n"
+        "        super().on_fit_end()\n"
+        "        open('my_lm_ran', 'w').write(type(self.method).__name__)\n"
+    )
+    config = yaml.safe_load(_tiny_config(tmp_path, word_data).read_text())
+    config["model"]["class_path"] = "my_ext.MyLM"
+    config["model"]["init_args"]["method"] = {"class_path": "my_ext.MyLoRA", "init_args": {"r": 2}}
+    (tmp_path / "sub.yaml").write_text(yaml.safe_dump(config))
+    import os
+
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(tmp_path) + os.pathsep + env_path
+    try:
+        result = run_cli("fit", "--config", str(tmp_path / "sub.yaml"), cwd=tmp_path)
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "my_lora_ran").read_text() == "yes"
+    assert (tmp_path / "my_lm_ran").read_text() == "MyLoRA"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--model.init_args.bogus", "1"], "unknown option 'bogus'"),
+        (["--model.method.class_path", "NoSuchMethod"], "unknown class 'NoSuchMethod'"),
+        (["--model.model", "./no/such/model"], "model path './no/such/model' does not exist"),
+        (["--data.train_file", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
+        (["--data.train_file", "BAD"], "BAD_PATH:2: missing or empty field 'output'"),
+        (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_writes_nothing(
+    tmp_path: Path,
+    word_data: Path,
+    override: list[str],  # noqa: F811
+    message: str,
+) -> None:
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "no output"}]
+    )
+    override = [str(bad) if o == "BAD" else o for o in override]
+    message = message.replace("BAD_PATH", str(bad))
+    before = set(tmp_path.rglob("*"))
+    result = run_cli("fit", "--config", str(_tiny_config(tmp_path, word_data)), *override, cwd=tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"litpeft: error: {message}" or (
+        last.startswith("litpeft: error: ") and message in last
+    ), last
+    assert "Traceback" not in result.stderr
+    assert set(tmp_path.rglob("*")) == before | {tmp_path / "tiny.yaml"}
+
+
+def test_unknown_key_in_config_file(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+    config = yaml.safe_load(_tiny_config(tmp_path, word_data).read_text())
+    config["data"]["init_args"]["bach_size"] = 4
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli("fit", "--config", str(tmp_path / "typo.yaml"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "litpeft: error: data: unknown option 'bach_size'"
+    assert not (tmp_path / "runs").exists()
