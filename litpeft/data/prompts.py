@@ -54,7 +54,8 @@ class PromptStyle:
         """
         segments = self.segments([*messages, {"role": "assistant", "content": ""}], tokenizer)
         last = max(i for i, (_, is_assistant) in enumerate(segments) if is_assistant)
-        text = "".join(t for t, _ in segments[:last])
+        eos = "" if self.appends_eos else (tokenizer.eos_token or "")  # as encode() adds it after answers
+        text = "".join(t + (eos if is_assistant else "") for t, is_assistant in segments[:last])
         bos = bos_text(tokenizer)
         return text if text.startswith(bos) else bos + text
 

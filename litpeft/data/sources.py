@@ -19,6 +19,7 @@ or row index, and the field.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Iterator
@@ -149,11 +150,14 @@ class DataSource:
         from litpeft.models import cache_dir
 
         kwargs: dict[str, Any] = {}
-        if file.suffix in (".csv", ".tsv"):  # keep "42" a string, as in the file
+        if file.suffix in (".csv", ".tsv"):  # every column a string, as in the file ("42" stays "42")
+            delimiter = "\t" if file.suffix == ".tsv" else self.load_kwargs.get("delimiter", ",")
+            with open(file, encoding="utf-8", newline="") as f:
+                header = next(csv.reader(f, delimiter=delimiter), [])
             kwargs = {
-                "dtype": str,
+                "delimiter": delimiter,
                 "keep_default_na": False,
-                **({"delimiter": "\t"} if file.suffix == ".tsv" else {}),
+                "features": datasets.Features({c: datasets.Value("string") for c in header}),
             }
         kwargs.update(self.load_kwargs)
         try:
