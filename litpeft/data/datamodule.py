@@ -24,7 +24,7 @@ from litpeft.data.collate import (
     pack_indices,
     pad_batch,
 )
-from litpeft.data.prompts import Message, PromptStyle, bos_ids, get_style
+from litpeft.data.prompts import Message, PromptStyle, bos_ids, get_style, style_name
 from litpeft.data.sources import DEMO_DIR, AutoSource, DataSource
 from litpeft.errors import LitPeftError
 
@@ -274,7 +274,7 @@ class InstructionDataModule(L.LightningDataModule):
             + (f", {skipped} bad rows skipped" if skipped else "")
             + f"; train tokens p50={pct(0.5)} p90={pct(0.9)} p99={pct(0.99)} max={lengths[-1]}; "
             + ("tokenized" if t["tokenized"] or v["tokenized"] else "from cache")
-            + f", style {type(self.style).__name__}"
+            + f", style {style_name(self.style)}"
         )
 
     def prepare_data(self) -> None:

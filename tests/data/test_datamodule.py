@@ -97,7 +97,7 @@ def test_summary_line_counts_and_percentiles(tmp_path: Path, tok: Any, caplog: A
         f"data: {train_kept} train / {10 - sum(prompt(m) >= 50 for m in dm.val_samples)} val samples; "
         f"{truncated} truncated, {dropped} dropped (max_seq_length=50, truncation=truncate); "
         f"train tokens p50={nearest(0.5)} p90={nearest(0.9)} p99={nearest(0.99)} max={lengths[-1]}; "
-        "tokenized, style ChatTemplate"
+        "tokenized, style chat_template"
     ]
 
 
