@@ -262,7 +262,7 @@ def text_field(
     row: dict[str, Any], key: str, where: str, required: bool = True, name: str | None = None
 ) -> str:
     """``row[key]`` as a string; a missing, empty or non-string value is a :class:`BadRow`."""
-    value = row.get(key)
+    value = _require_object(row, where).get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
             raise BadRow(where, "is missing or empty", name or key)

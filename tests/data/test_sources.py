@@ -4,13 +4,15 @@ Hugging Face datasets (save_to_disk, parquet, CSV, JSON through load_dataset), a
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from litpeft.data import Alpaca, AutoSource, Chat, HFDataset, InstructionDataModule, ShareGPT
+from litpeft.data import Alpaca, AutoSource, Chat, DataSource, HFDataset, InstructionDataModule, ShareGPT
+from litpeft.data.sources import text_field
 from litpeft.errors import LitPeftError
 
 
@@ -232,3 +234,22 @@ def test_data_source_by_class_path_in_a_config(tmp_path: Path) -> None:
     assert isinstance(dm.source, ShareGPT) and dm.source.role_map["bot"] == "assistant"
     dm.load_samples()
     assert dm.train_samples == [[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]]
+
+
+class QA(DataSource):
+    """A user's format, as in docs/data.md."""
+
+    def to_messages(self, row: Any, where: str) -> list[dict[str, str]]:
+        return [
+            {"role": "user", "content": text_field(row, "question", where)},
+            {"role": "assistant", "content": text_field(row, "answer", where)},
+        ]
+
+
+def test_user_source_subclass(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q", "answer": "A"}, {"question": "Q2"}])
+    with pytest.raises(LitPeftError, match=re.escape(f"{path}:2: field 'answer' is missing or empty")):
+        QA().load(path)
+    assert QA().load(path, skip_bad_rows=True).samples == [
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    ]
