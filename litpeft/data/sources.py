@@ -429,9 +429,15 @@ class HFDataset(AutoSource):
     :class:`AutoSource`.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        kwargs.setdefault("reader", "datasets")
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        column_map: dict[str, str] | None = None,
+        reader: Literal["auto", "datasets"] = "datasets",
+        split: str = "train",
+        val_split: str = "validation",
+        load_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(column_map, reader=reader, split=split, val_split=val_split, load_kwargs=load_kwargs)
 
 
 def load_alpaca(path: str | Path, column_map: dict[str, str] | None = None) -> list[list[Message]]:

@@ -253,3 +253,15 @@ def test_user_source_subclass(tmp_path: Path) -> None:
     assert QA().load(path, skip_bad_rows=True).samples == [
         [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
     ]
+
+
+def test_hf_dataset_by_class_path_reads_through_datasets() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(InstructionDataModule, "data")
+    cfg = parser.parse_object(
+        {"data": {"train_file": "x.jsonl", "source": {"class_path": "litpeft.data.HFDataset"}}}
+    )
+    source = parser.instantiate_classes(cfg).data.source
+    assert isinstance(source, HFDataset) and source.reader == "datasets"
