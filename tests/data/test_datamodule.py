@@ -141,3 +141,60 @@ def test_fit_end_to_end_and_second_fit_reads_the_cache(tmp_path: Path, options: 
     assert stats[1]["train"]["tokenized"] == 0 and stats[1]["val"]["tokenized"] == 0
     saved = yaml.safe_load((tmp_path / "adapter1" / "adapter.yaml").read_text())
     assert saved["prompt_style"] == "chatml"
+
+
+class RecordBatches(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.append((trainer.current_epoch, batch_idx, batch["input_ids"].clone()))
+
+
+def test_resumed_fit_sees_the_same_batches(tmp_path: Path) -> None:
+    """A run resumed from a mid-epoch checkpoint trains on exactly the batches the whole run trained on
+    after that step, in the same order, across epoch ends too (5 batches an epoch here)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    path = write_rows(tmp_path / "t.jsonl", 20)
+
+    def fit(ckpt: str | None = None, save: bool = False) -> list[tuple[int, int, torch.Tensor]]:
+        record = RecordBatches()
+        callbacks: list[L.Callback] = [record]
+        if save:
+            callbacks.append(ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1))
+        trainer = L.Trainer(
+            max_steps=9,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=save,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=callbacks,
+        )
+        dm = InstructionDataModule(path, val_fraction=0.0, batch_size=4)
+        trainer.fit(
+            PeftLM(model="tiny:llama", method=LoRA(), adapter_dir=str(tmp_path / "a")), dm, ckpt_path=ckpt
+        )
+        return record.seen
+
+    def same(a: list[Any], b: list[Any]) -> bool:
+        return len(a) == len(b) and all(
+            x[:2] == y[:2] and torch.equal(x[2], y[2]) for x, y in zip(a, b, strict=True)
+        )
+
+    whole = fit(save=True)
+    assert [(e, i) for e, i, _ in whole] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (0, 3),
+        (0, 4),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (1, 3),
+    ]
+    assert same(fit(str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt")), whole[3:])
+    assert same(fit(str(tmp_path / "ckpt" / "epoch=1-step=6.ckpt")), whole[6:])
