@@ -3,7 +3,7 @@
 A cache entry is one safetensors file under ``<litpeft cache>/data/``, named by a hash of everything the
 tokens depend on: the samples as read from the data files (so, their content and the source's reading of
 them), the tokenizer (vocabulary, merges, special tokens, chat template), the prompt style (name,
-settings and code), ``train_on_inputs`` and the code of :func:`~litpeft.data.collate.encode`.
+settings and code), ``train_on_inputs`` and the code of :func:`~litpeft.data.collate.encode_many`.
 ``max_seq_length`` and ``truncation`` are applied after the cache, so changing them costs nothing.
 """
 
@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from litpeft.data.collate import TokenizedSamples, encode
+from litpeft.data.collate import TokenizedSamples, encode_many
 from litpeft.data.prompts import Message, PromptStyle
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def cache_key(
     h = hashlib.sha256(f"litpeft-data-{CACHE_VERSION}".encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(style.fingerprint().encode())
-    h.update(inspect.getsource(encode).encode())
+    h.update(inspect.getsource(encode_many).encode())
     h.update(b"train_on_inputs=1" if train_on_inputs else b"train_on_inputs=0")
     for messages in samples:
         h.update(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode())

@@ -27,23 +27,42 @@ def encode(
     joined first), so the mask follows the segment borders exactly. ``prefix_ids`` (default: what the
     tokenizer puts before text, usually BOS) starts the sample unless the style's text already does.
     """
-    runs: list[tuple[str, bool]] = []
-    for text, is_assistant in style.segments(messages, tokenizer):
-        if runs and runs[-1][1] == is_assistant:
-            runs[-1] = (runs[-1][0] + text, is_assistant)
-        elif text:
-            runs.append((text, is_assistant))
+    return encode_many([messages], style, tokenizer, train_on_inputs, prefix_ids)[0]
+
+
+def encode_many(
+    samples: Sequence[list[Message]],
+    style: PromptStyle,
+    tokenizer: PreTrainedTokenizerBase,
+    train_on_inputs: bool = False,
+    prefix_ids: list[int] | None = None,
+) -> list[dict[str, list[int]]]:
+    """:func:`encode` for many samples, with one (parallel) tokenizer call for all their runs."""
+    all_runs: list[list[tuple[str, bool]]] = []
+    for messages in samples:
+        runs: list[tuple[str, bool]] = []
+        for text, is_assistant in style.segments(messages, tokenizer):
+            if runs and runs[-1][1] == is_assistant:
+                runs[-1] = (runs[-1][0] + text, is_assistant)
+            elif text:
+                runs.append((text, is_assistant))
+        all_runs.append(runs)
+    texts = [text for runs in all_runs for text, _ in runs]
+    all_ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     prefix = bos_ids(tokenizer) if prefix_ids is None else prefix_ids
-    if prefix and tokenizer.bos_token and runs and runs[0][0].startswith(tokenizer.bos_token):
-        prefix = []
-    input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
-    for text, is_assistant in runs:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if is_assistant and not style.appends_eos and tokenizer.eos_token_id is not None:
-            ids = [*ids, tokenizer.eos_token_id]
-        input_ids += ids
-        labels += ids if (is_assistant or train_on_inputs) else [IGNORE_INDEX] * len(ids)
-    return {"input_ids": input_ids, "labels": labels}
+    eos = None if style.appends_eos else tokenizer.eos_token_id
+    out = []
+    for runs in all_runs:
+        start = [] if runs and tokenizer.bos_token and runs[0][0].startswith(tokenizer.bos_token) else prefix
+        input_ids, labels = list(start), [IGNORE_INDEX] * len(start)
+        for _, is_assistant in runs:
+            ids = list(next(all_ids))
+            if is_assistant and eos is not None:
+                ids.append(eos)
+            input_ids += ids
+            labels += ids if (is_assistant or train_on_inputs) else [IGNORE_INDEX] * len(ids)
+        out.append({"input_ids": input_ids, "labels": labels})
+    return out
 
 
 def pad_batch(
@@ -147,22 +166,32 @@ class TokenizedSamples(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         return (self.offsets[1:] - self.offsets[:-1]).tolist()
 
-    def select(self, indices: Sequence[int], max_length: int | None = None) -> TokenizedSamples:
-        """The samples at ``indices``, each cut to ``max_length`` tokens."""
-        keep = [self[i] for i in indices]
+    def _token_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every flat token: the index of its sample and its position inside that sample."""
+        lengths = self.offsets[1:] - self.offsets[:-1]
+        sample = torch.repeat_interleave(torch.arange(len(self)), lengths)
+        return sample, torch.arange(len(self.input_ids)) - self.offsets[sample]
+
+    def has_loss(self, max_length: int | None = None) -> torch.Tensor:
+        """Per sample: whether any of its first ``max_length`` tokens carries loss."""
+        sample, position = self._token_positions()
+        keep = self.labels != IGNORE_INDEX
         if max_length is not None:
-            keep = [{k: v[:max_length] for k, v in s.items()} for s in keep]
-        if not keep:
-            empty = torch.zeros(0, dtype=torch.int32)
-            return TokenizedSamples(empty, empty.clone(), torch.zeros(1, dtype=torch.long))
-        lengths = torch.tensor([len(s["input_ids"]) for s in keep], dtype=torch.long)
-        offsets = torch.zeros(len(keep) + 1, dtype=torch.long)
+            keep &= position < max_length
+        return torch.bincount(sample[keep], minlength=len(self)) > 0
+
+    def select(self, indices: Sequence[int], max_length: int | None = None) -> TokenizedSamples:
+        """The samples at ``indices`` (ascending), each cut to ``max_length`` tokens."""
+        chosen = torch.zeros(len(self), dtype=torch.bool)
+        chosen[torch.as_tensor(list(indices), dtype=torch.long)] = True
+        sample, position = self._token_positions()
+        keep = chosen[sample]
+        if max_length is not None:
+            keep &= position < max_length
+        lengths = torch.bincount(sample[keep], minlength=len(self))[chosen]
+        offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(lengths, 0)
-        return TokenizedSamples(
-            torch.cat([s["input_ids"] for s in keep]).to(torch.int32),
-            torch.cat([s["labels"] for s in keep]).to(torch.int32),
-            offsets,
-        )
+        return TokenizedSamples(self.input_ids[keep], self.labels[keep], offsets)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "labels": self.labels, "offsets": self.offsets}

@@ -16,11 +16,10 @@ from transformers import PreTrainedTokenizerBase
 
 from litpeft.data import cache
 from litpeft.data.collate import (
-    IGNORE_INDEX,
     PackedSamples,
     TokenizedSamples,
     collate_packed,
-    encode,
+    encode_many,
     pack_indices,
     pad_batch,
 )
@@ -209,11 +208,15 @@ class InstructionDataModule(L.LightningDataModule):
             return data
         from tqdm import tqdm
 
-        prefix = bos_ids(self.tokenizer)
-        encoded = [
-            encode(m, self.style, self.tokenizer, self.train_on_inputs, prefix)
-            for m in tqdm(samples, desc=f"tokenizing {split}", unit=" samples", disable=not samples)
-        ]
+        prefix, chunk = bos_ids(self.tokenizer), 256
+        encoded: list[dict[str, list[int]]] = []
+        with tqdm(
+            total=len(samples), desc=f"tokenizing {split}", unit=" samples", disable=not samples
+        ) as bar:
+            for start in range(0, len(samples), chunk):
+                part = samples[start : start + chunk]
+                encoded += encode_many(part, self.style, self.tokenizer, self.train_on_inputs, prefix)
+                bar.update(len(part))
         data = TokenizedSamples.from_samples(encoded)
         self.stats[split]["tokenized"] = len(samples)
         if self.cache:
@@ -224,6 +227,7 @@ class InstructionDataModule(L.LightningDataModule):
         """``truncation`` for samples longer than ``max_seq_length``; a sample left without loss is dropped."""
         keep: list[int] = []
         truncated = dropped = 0
+        has_loss = data.has_loss(self.max_seq_length).tolist()
         for i, n in enumerate(data.lengths):
             long = n > self.max_seq_length
             if long and self.truncation == "error":
@@ -232,9 +236,7 @@ class InstructionDataModule(L.LightningDataModule):
                     f"{self.max_seq_length} (data.truncation: error; use truncate or drop)"
                 )
             # A truncated sample whose answer lies wholly past the cut has nothing to learn: dropped.
-            if (long and self.truncation == "drop") or not bool(
-                (data[i]["labels"][: self.max_seq_length] != IGNORE_INDEX).any()
-            ):
+            if (long and self.truncation == "drop") or not has_loss[i]:
                 dropped += 1
                 continue
             truncated += long

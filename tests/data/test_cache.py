@@ -37,7 +37,7 @@ def forbid_tokenizing(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("re-tokenized on a cache hit")
 
-    monkeypatch.setattr(datamodule, "encode", fail)
+    monkeypatch.setattr(datamodule, "encode_many", fail)
 
 
 def test_second_setup_is_a_cache_hit(
