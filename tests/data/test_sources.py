@@ -265,3 +265,15 @@ def test_hf_dataset_by_class_path_reads_through_datasets() -> None:
     )
     source = parser.instantiate_classes(cfg).data.source
     assert isinstance(source, HFDataset) and source.reader == "datasets"
+
+
+def test_chat_rows_from_parquet_and_saved_sharegpt(tmp_path: Path) -> None:
+    import datasets
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    expected = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]]
+    datasets.Dataset.from_list([{"messages": messages}]).to_parquet(str(tmp_path / "chat.parquet"))
+    assert Chat().load(tmp_path / "chat.parquet").samples == expected
+    conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    datasets.Dataset.from_list([{"conversations": conv}]).save_to_disk(str(tmp_path / "sg"))
+    assert AutoSource().load(tmp_path / "sg").samples == expected
