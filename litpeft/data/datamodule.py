@@ -167,6 +167,8 @@ class InstructionDataModule(L.LightningDataModule):
         self.val_data: TokenizedSamples | None = None
         #: per split: bad rows skipped, samples tokenized now (0 on a cache hit), truncated, dropped
         self.stats: dict[str, dict[str, int]] = {}
+        #: per split: where each sample comes from (``file:line``), for errors
+        self.locations: dict[str, list[str]] = {}
 
     # -- loading ----------------------------------------------------------------------------------
     def load_samples(self) -> None:
@@ -177,6 +179,7 @@ class InstructionDataModule(L.LightningDataModule):
             val = self.source.load(self.val_file, "val", self.skip_bad_rows)
             self.stats["val"] = {"rows": val.rows, "skipped": len(val.skipped)}
             self.train_samples, self.val_samples = train.samples, val.samples
+            self.locations = {"train": train.locations, "val": val.locations}
         else:
             order = list(range(len(train.samples)))
             random.Random(self.seed).shuffle(order)
@@ -185,8 +188,13 @@ class InstructionDataModule(L.LightningDataModule):
                 raise LitPeftError(
                     f"data.val_fraction={self.val_fraction} leaves no training sample of {len(order)}"
                 )
-            self.val_samples = [train.samples[i] for i in sorted(order[:n_val])]
-            self.train_samples = [train.samples[i] for i in sorted(order[n_val:])]
+            val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+            self.val_samples = [train.samples[i] for i in val_idx]
+            self.train_samples = [train.samples[i] for i in train_idx]
+            self.locations = {
+                "train": [train.locations[i] for i in train_idx],
+                "val": [train.locations[i] for i in val_idx],
+            }
             self.stats["val"] = {"rows": 0, "skipped": 0}
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -231,9 +239,10 @@ class InstructionDataModule(L.LightningDataModule):
         for i, n in enumerate(data.lengths):
             long = n > self.max_seq_length
             if long and self.truncation == "error":
+                where = self.locations.get(split, [])
                 raise LitPeftError(
-                    f"{split} sample {i} has {n} tokens, more than data.max_seq_length="
-                    f"{self.max_seq_length} (data.truncation: error; use truncate or drop)"
+                    f"{where[i] if i < len(where) else f'{split} sample {i}'}: {n} tokens, more than "
+                    f"data.max_seq_length={self.max_seq_length} (data.truncation: error; use truncate or drop)"
                 )
             # A truncated sample whose answer lies wholly past the cut has nothing to learn: dropped.
             if (long and self.truncation == "drop") or not has_loss[i]:

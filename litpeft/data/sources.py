@@ -78,6 +78,8 @@ class Loaded:
     samples: list[list[Message]]
     rows: int
     skipped: list[BadRow] = field(default_factory=list)
+    #: where each sample comes from (``file:line`` or ``file row i``), for later errors
+    locations: list[str] = field(default_factory=list)
 
 
 class DataSource:
@@ -193,6 +195,7 @@ class DataSource:
         """All samples under ``path``. A bad row raises, or with ``skip_bad_rows`` is skipped and counted."""
         samples: list[list[Message]] = []
         skipped: list[BadRow] = []
+        locations: list[str] = []
         n = 0
         for where, row in self.rows(path, role):
             n += 1
@@ -200,6 +203,7 @@ class DataSource:
                 if isinstance(row, BadRow):
                     raise row
                 samples.append(self.to_messages(row, where))
+                locations.append(where)
             except BadRow as bad:
                 if not skip_bad_rows:
                     raise LitPeftError(f"{bad} (set data.skip_bad_rows: true to skip bad rows)") from None
@@ -217,7 +221,7 @@ class DataSource:
             )
         if not samples:
             raise LitPeftError(f"data '{path}': all {n} rows are bad, none is left (first: {skipped[0]})")
-        return Loaded(samples, n, skipped)
+        return Loaded(samples, n, skipped, locations)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"

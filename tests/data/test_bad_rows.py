@@ -146,13 +146,15 @@ def test_empty_after_filtering_is_an_error(tmp_path: Path, tok: Any) -> None:
 
 def test_truncation_error_names_the_sample(tmp_path: Path, tok: Any) -> None:
     path = tmp_path / "t.jsonl"
-    path.write_text(f"{GOOD}\n")
-    dm = InstructionDataModule(str(path), val_fraction=0.0, max_seq_length=8, truncation="error", cache=False)
+    short = json.dumps({"instruction": "a", "output": "b"})
+    path.write_text(f"{short}\n{GOOD}\n")
+    dm = InstructionDataModule(
+        str(path), val_fraction=0.0, max_seq_length=32, truncation="error", cache=False
+    )
     dm.tokenizer = tok
-    with pytest.raises(
-        LitPeftError,
-        match=r"train sample 0 has \d+ tokens, more than data.max_seq_length=8 \(data.truncation: error; use truncate or drop\)",
-    ):
+    # "<|im_start|>user\nAdd 2 and 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n": 29 bytes + 4 specials
+    message = f"{path}:2: 33 tokens, more than data.max_seq_length=32 (data.truncation: error; use truncate or drop)"
+    with pytest.raises(LitPeftError, match=re.escape(message)):
         dm.setup()
 
 
