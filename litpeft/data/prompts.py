@@ -35,7 +35,8 @@ class PromptStyle:
     """Base class. Subclass, set ``name`` and implement :meth:`segments`; the style registers itself."""
 
     name: ClassVar[str] = ""
-    #: Whether the style's text ends each assistant turn with the tokenizer's EOS token itself.
+    #: Whether the style's own text ends each assistant turn (``<|im_end|>``, ``<|eot_id|>``). When it
+    #: does not, :func:`~litpeft.data.collate.encode` appends the tokenizer's EOS token to each answer.
     appends_eos: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
