@@ -93,8 +93,12 @@ class PeftLM(L.LightningModule):
         """
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
+        # A packed batch has position_ids that restart at each sample and no attention_mask.
         hidden = self.model.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
         ).last_hidden_state[:, :-1]
         logits = self.model.get_output_embeddings()(hidden[keep])
         softcap = getattr(self.model.config, "final_logit_softcapping", None)

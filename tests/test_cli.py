@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli, word_data, write_jsonl  # noqa: F401
+from tests.conftest import REPO, run_cli, write_jsonl
 
 
 def _tiny_config(tmp_path: Path, data: Path) -> Path:
@@ -23,7 +23,7 @@ def _tiny_config(tmp_path: Path, data: Path) -> Path:
     return path
 
 
-def test_fit_end_to_end_from_a_config(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+def test_fit_end_to_end_from_a_config(tmp_path: Path, word_data: Path) -> None:
     result = run_cli("fit", "--config", str(_tiny_config(tmp_path, word_data)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
@@ -36,7 +36,7 @@ def test_fit_end_to_end_from_a_config(tmp_path: Path, word_data: Path) -> None: 
     assert meta["prompt_style"] == "chat_template"
 
 
-def test_print_config_runs_as_is(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+def test_print_config_runs_as_is(tmp_path: Path, word_data: Path) -> None:
     printed = run_cli(
         "fit", "--config", str(_tiny_config(tmp_path, word_data)), "--print_config", cwd=tmp_path
     )
@@ -48,7 +48,7 @@ def test_print_config_runs_as_is(tmp_path: Path, word_data: Path) -> None:  # no
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_user_subclass_by_class_path(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+def test_user_subclass_by_class_path(tmp_path: Path, word_data: Path) -> None:
     """A user's own PeftLM and LoRA subclasses, named by class_path, are what runs."""
     (tmp_path / "my_ext.py").write_text(
         "from litpeft import PeftLM, LoRA\n"
@@ -92,7 +92,7 @@ def test_user_subclass_by_class_path(tmp_path: Path, word_data: Path) -> None:  
 def test_bad_input_gives_one_clear_line_and_writes_nothing(
     tmp_path: Path,
     word_data: Path,
-    override: list[str],  # noqa: F811
+    override: list[str],
     message: str,
 ) -> None:
     bad = write_jsonl(
@@ -111,7 +111,7 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(
     assert set(tmp_path.rglob("*")) == before | {tmp_path / "tiny.yaml"}
 
 
-def test_unknown_key_in_config_file(tmp_path: Path, word_data: Path) -> None:  # noqa: F811
+def test_unknown_key_in_config_file(tmp_path: Path, word_data: Path) -> None:
     config = yaml.safe_load(_tiny_config(tmp_path, word_data).read_text())
     config["data"]["init_args"]["bach_size"] = 4
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))

@@ -27,8 +27,12 @@ def test_batched_left_padded_generation_equals_one_by_one() -> None:
 
 
 def test_split_for_generation_uses_the_last_assistant_turn() -> None:
-    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    msgs = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]
     prompts, refs = split_for_generation([msgs])
     assert prompts == [msgs[:3]] and refs == ["a2"]
 
@@ -36,8 +40,15 @@ def test_split_for_generation_uses_the_last_assistant_turn() -> None:
 def test_exact_match_callback_reports_base_then_tuned(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", word_rows(12))
     callback = ExactMatchEvaluation(limit=4, max_new_tokens=4)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback])
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+    )
     module = PeftLM(model="tiny:llama", method=LoRA(r=2))
     trainer.fit(module, InstructionDataModule(train_file=str(data), val_fraction=0.5, batch_size=2))
     assert set(callback.results) == {"base", "tuned"}

@@ -9,7 +9,6 @@ import torch
 
 from litpeft import InstructionDataModule, LoRA, PeftLM
 from litpeft.adapter import load_adapter
-from tests.conftest import word_data  # noqa: F401  (fixture)
 
 
 def _module(**kwargs) -> PeftLM:
@@ -87,7 +86,7 @@ def _fit(
     return record, module
 
 
-def test_checkpoint_holds_only_trainable_tensors(word_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_checkpoint_holds_only_trainable_tensors(word_data: Path, tmp_path: Path) -> None:
     _, module = _fit(word_data, tmp_path, max_steps=2)
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -96,7 +95,7 @@ def test_checkpoint_holds_only_trainable_tensors(word_data: Path, tmp_path: Path
     assert ckpt["litpeft"]["method"]["init_args"]["r"] == 4
 
 
-def test_resume_mid_epoch_continues_the_same_loss_curve(word_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_resume_mid_epoch_continues_the_same_loss_curve(word_data: Path, tmp_path: Path) -> None:
     # 24 rows, batch 4: 6 batches per epoch. Stop at step 4 (mid-epoch), resume to step 9 (into epoch 2).
     full, full_module = _fit(word_data, tmp_path / "full", max_steps=9)
     first, _ = _fit(word_data, tmp_path / "part", max_steps=9, stop_at=4)
@@ -113,7 +112,7 @@ def test_resume_mid_epoch_continues_the_same_loss_curve(word_data: Path, tmp_pat
             torch.testing.assert_close(a, b, msg=n)
 
 
-def test_fit_writes_a_loadable_adapter_directory(word_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_fit_writes_a_loadable_adapter_directory(word_data: Path, tmp_path: Path) -> None:
     _, module = _fit(word_data, tmp_path, max_steps=3)
     model, tok, method, style = load_adapter(tmp_path / "adapter")
     x = torch.tensor([tok("hello").input_ids])

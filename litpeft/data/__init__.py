@@ -1,6 +1,20 @@
-"""Instruction data: sources, prompt styles, tokenization with prompt masking, the data module."""
+"""Instruction data: sources, prompt styles, tokenization with prompt masking, packing, the data module."""
 
-from litpeft.data.datamodule import InstructionDataModule
+from litpeft.data.datamodule import InstructionDataModule, ResumableSampler
 from litpeft.data.prompts import STYLES, PromptStyle, get_style
+from litpeft.data.sources import Alpaca, AutoSource, BadRow, Chat, DataSource, HFDataset, ShareGPT
 
-__all__ = ["STYLES", "InstructionDataModule", "PromptStyle", "get_style"]
+__all__ = [
+    "STYLES",
+    "Alpaca",
+    "AutoSource",
+    "BadRow",
+    "Chat",
+    "DataSource",
+    "HFDataset",
+    "InstructionDataModule",
+    "PromptStyle",
+    "ResumableSampler",
+    "ShareGPT",
+    "get_style",
+]

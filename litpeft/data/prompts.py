@@ -3,6 +3,20 @@
 A sample is a list of messages ``{"role": "system"|"user"|"assistant", "content": str}``; Alpaca rows
 become one user message (with the row's ``input`` kept under ``"input"``) and one assistant message.
 A style returns ``[(text, is_assistant), ...]``; tokenizing segment by segment makes the loss mask exact.
+
+Styles: ``alpaca``, ``chatml``, ``llama-3``, ``plain`` and ``chat_template`` (the tokenizer's own template,
+the default when it has one). A style is saved with the adapter (:func:`style_name`) and found again by
+:func:`get_style`. To add one, subclass :class:`PromptStyle`, set ``name`` and implement ``segments``::
+
+    class Vicuna(PromptStyle):
+        name = "vicuna"
+        appends_eos = False  # the tokenizer's EOS token is added after each answer
+
+        def segments(self, messages, tokenizer):
+            return [(f"USER: {m['content']}\nASSISTANT: ", False) if m["role"] == "user"
+                    else (m["content"], True) for m in messages if m["role"] != "system"]
+
+and set ``data.prompt_style: my_package.styles.Vicuna`` (an import path) in the config.
 """
 
 from __future__ import annotations
@@ -21,7 +35,8 @@ class PromptStyle:
     """Base class. Subclass, set ``name`` and implement :meth:`segments`; the style registers itself."""
 
     name: ClassVar[str] = ""
-    #: Whether the style's text ends each assistant turn with the tokenizer's EOS token itself.
+    #: Whether the style's own text ends each assistant turn (``<|im_end|>``, ``<|eot_id|>``). When it
+    #: does not, :func:`~litpeft.data.collate.encode` appends the tokenizer's EOS token to each answer.
     appends_eos: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -33,11 +48,30 @@ class PromptStyle:
         raise NotImplementedError
 
     def generation_prompt(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> str:
-        """Text to generate the next assistant turn from (``messages`` ends with a user turn)."""
-        return "".join(
-            text
-            for text, _ in self.segments([*messages, {"role": "assistant", "content": ""}], tokenizer)[:-1]
-        )
+        """Text to generate the next assistant turn from (``messages`` ends with a user turn).
+
+        It starts with the tokenizer's BOS text where training puts a BOS token, so that tokenizing it
+        without special tokens gives the same ids as training did.
+        """
+        segments = self.segments([*messages, {"role": "assistant", "content": ""}], tokenizer)
+        last = max(i for i, (_, is_assistant) in enumerate(segments) if is_assistant)
+        eos = "" if self.appends_eos else (tokenizer.eos_token or "")  # as encode() adds it after answers
+        text = "".join(t + (eos if is_assistant else "") for t, is_assistant in segments[:last])
+        bos = bos_text(tokenizer)
+        return text if text.startswith(bos) else bos + text
+
+    def fingerprint(self) -> str:
+        """What the tokenization cache keys on: the style's name, settings and code."""
+        import inspect
+
+        parts = [style_name(self), repr(sorted(vars(self).items()))]
+        for cls in type(self).__mro__:
+            if issubclass(cls, PromptStyle):
+                try:
+                    parts.append(inspect.getsource(cls))
+                except (OSError, TypeError):
+                    parts.append(cls.__qualname__)
+        return "\n".join(parts)
 
     @staticmethod
     def user_text(message: Message) -> str:
@@ -46,7 +80,11 @@ class PromptStyle:
 
 
 class Alpaca(PromptStyle):
-    """The Stanford Alpaca template (with and without an ``### Input:`` section)."""
+    """The Stanford Alpaca template (with and without an ``### Input:`` section).
+
+    A system message takes the place of the template's opening sentence; later turns of a multi-turn
+    sample follow as further ``### Instruction:``/``### Response:`` pairs.
+    """
 
     name = "alpaca"
     appends_eos = False
@@ -54,18 +92,19 @@ class Alpaca(PromptStyle):
 
     def segments(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
         out: list[tuple[str, bool]] = []
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
         for m in messages:
             if m["role"] == "user":
                 extra = m.get("input")
-                header = self.HEADER.format(
-                    ctx=", paired with an input that provides further context" if extra else ""
-                )
+                if not out:
+                    ctx = ", paired with an input that provides further context" if extra else ""
+                    lead = system + "\n\n" if system else self.HEADER.format(ctx=ctx)
+                else:
+                    lead = "\n\n"
                 body = f"### Instruction:\n{m['content']}\n\n" + (f"### Input:\n{extra}\n\n" if extra else "")
-                out.append(((header if not out else "\n\n") + body + "### Response:\n", False))
+                out.append((lead + body + "### Response:\n", False))
             elif m["role"] == "assistant":
                 out.append((m["content"], True))
-            elif m["role"] == "system":
-                out.append((m["content"] + "\n\n", False))
         return out
 
 
@@ -80,6 +119,41 @@ class Plain(PromptStyle):
             (self.user_text(m) + "\n", False) if m["role"] != "assistant" else (m["content"], True)
             for m in messages
         ]
+
+
+class ChatML(PromptStyle):
+    """ChatML (``<|im_start|>role\n...<|im_end|>``), as SmolLM2, Qwen and OpenAI's chat models use it."""
+
+    name = "chatml"
+
+    def segments(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+        out: list[tuple[str, bool]] = []
+        for m in messages:
+            if m["role"] == "assistant":
+                out += [
+                    ("<|im_start|>assistant\n", False),
+                    (m["content"] + "<|im_end|>", True),
+                    ("\n", False),
+                ]
+            else:
+                out.append((f"<|im_start|>{m['role']}\n{self.user_text(m)}<|im_end|>\n", False))
+        return out
+
+
+class Llama3(PromptStyle):
+    """The Llama 3 instruct format (header ids, ``<|eot_id|>`` ends a turn; BOS comes from the tokenizer)."""
+
+    name = "llama-3"
+
+    def segments(self, messages: list[Message], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+        out: list[tuple[str, bool]] = []
+        for m in messages:
+            header = f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n"
+            if m["role"] == "assistant":
+                out += [(header, False), (m["content"] + "<|eot_id|>", True)]
+            else:
+                out.append((header + self.user_text(m) + "<|eot_id|>", False))
+        return out
 
 
 class ChatTemplate(PromptStyle):
@@ -108,7 +182,13 @@ class ChatTemplate(PromptStyle):
                     "the tokenizer's chat template does not render turns as prefixes of each other; "
                     "choose another prompt_style"
                 )
-            out += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+            answer = full[len(prompt) :]
+            # The loss stops at the end-of-turn token; what the template adds after it is not the answer.
+            eos = tokenizer.eos_token
+            cut = answer.find(eos) + len(eos) if eos and eos in answer else len(answer)
+            out += [(prompt[len(done) :], False), (answer[:cut], True)]
+            if answer[cut:]:
+                out.append((answer[cut:], False))
             done = full
         return out
 
@@ -117,7 +197,24 @@ class ChatTemplate(PromptStyle):
             {"role": m["role"], "content": self.user_text(m) if m["role"] == "user" else m["content"]}
             for m in messages
         ]
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        bos = bos_text(tokenizer)
+        return text if text.startswith(bos) else bos + text
+
+
+def bos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a tokenizer puts before text when it adds special tokens (usually ``[bos]`` or ``[]``)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def bos_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    """:func:`bos_ids` as text (``""`` for tokenizers that add nothing)."""
+    return tokenizer.decode(bos_ids(tokenizer)) if bos_ids(tokenizer) else ""
 
 
 def get_style(style: str | PromptStyle, tokenizer: PreTrainedTokenizerBase | None = None) -> PromptStyle:
