@@ -93,19 +93,24 @@ class PeftMethod:
 
     def config(self) -> dict[str, Any]:
         """``{"class_path": ..., "init_args": ...}``, the form jsonargparse and adapter directories use."""
-        params = inspect.signature(type(self).__init__).parameters
+        # jsonargparse's lazy_instance default is a generated subclass: describe the class it stands for.
+        cls = next(
+            c
+            for c in type(self).__mro__
+            if issubclass(c, PeftMethod) and not c.__name__.startswith("LazyInstance_")
+        )
+        params = inspect.signature(cls.__init__).parameters
         args = {
             k: getattr(self, k)
             for k in params
             if k != "self" and params[k].kind == params[k].POSITIONAL_OR_KEYWORD
         }
         args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
-        cls = type(self)
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config()["init_args"].items())
-        return f"{type(self).__name__}({args})"
+        return f"{self.config()['class_path'].rsplit('.', 1)[-1]}({args})"
 
 
 @contextlib.contextmanager

@@ -151,3 +151,12 @@ def test_config_round_trip() -> None:
         method_from_config({"class_path": "litpeft.nope.Nope"})
     with pytest.raises(LitPeftError, match="not a litpeft PeftMethod"):
         method_from_config({"class_path": "torch.nn.Linear"})
+
+
+def test_default_method_of_peftlm_describes_itself_as_lora() -> None:
+    """PeftLM's default method is jsonargparse's lazy_instance(LoRA): its config must name LoRA itself."""
+    from litpeft import PeftLM
+
+    config = PeftLM(model="tiny:llama").method.config()
+    assert config["class_path"] == "litpeft.methods.lora.LoRA"
+    assert config["init_args"]["r"] == 8
