@@ -14,12 +14,14 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
+from litpeft.commands import COMMANDS
 from litpeft.data import InstructionDataModule
 from litpeft.errors import LitPeftError
 from litpeft.module import PeftLM
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
 TOOLS: dict[str, Callable[[list[str]], None]] = {}
+TOOLS.update(COMMANDS)  # generate, evaluate, merge, export
 
 
 class LitPeftCLI(LightningCLI):
