@@ -64,7 +64,7 @@ def test_rouge_l_is_the_lcs_f1() -> None:
         "police killed the gunman",
     ]
     refs = ["the cat is on the mat", "hello world", "e d c b a", "xyz", "the gunman killed police"]
-    expected = sum(_rouge_l_reference(p, r) for p, r in zip(preds, refs)) / len(refs)
+    expected = sum(_rouge_l_reference(p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
     assert rouge_l(preds, refs) == pytest.approx(expected, abs=1e-6)
     assert rouge_l(["same words here"], ["Same words, here."]) == pytest.approx(1.0)
 
@@ -135,7 +135,7 @@ def test_exact_match_and_rouge_against_the_models_own_answers(adapter, tmp_path)
     assert summary["exact_match"] == pytest.approx(0.5)
     refs = [v["output"] for v in val]
     assert summary["rougeL"] == pytest.approx(
-        sum(_rouge_l_reference(a, r) for a, r in zip(answers, refs)) / len(refs), abs=1e-6
+        sum(_rouge_l_reference(a, r) for a, r in zip(answers, refs, strict=True)) / len(refs), abs=1e-6
     )
     predictions = read_jsonl(tmp_path / "pred.jsonl")
     assert [p["generated"] for p in predictions] == answers and [p["reference"] for p in predictions] == refs

@@ -98,3 +98,17 @@ def test_method_that_cannot_merge_says_so(tmp_path) -> None:
     assert result.returncode == 2
     assert "cannot be merged" in error_line(result)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.integration
+def test_merge_real_model(tmp_path) -> None:
+    spec = "smollm2-135m-instruct"
+    adapter = make_adapter(
+        tmp_path / "adapter", spec, LoRA(r=4, target_modules=["q_proj", "v_proj"]), scale=0.02
+    )
+    merge(str(adapter), str(tmp_path / "merged"))
+    ours, tokenizer, _, _ = load_adapter(adapter)
+    ids = tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
+    merged = _load_plain(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, ids), logits(ours, ids), rtol=1e-4, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tokenizer.chat_template
