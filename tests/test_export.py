@@ -57,14 +57,10 @@ def test_peft_round_trip(tmp_path, spec: str, make_method: Callable[[], PeftMeth
     peft_model, messages = _peft_load(base, str(tmp_path / "peft"))
     assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
 
-    # Every tensor in the file lands in a parameter of the peft model, and every adapter parameter of
-    # the peft model is in the file (peft itself only warns about the latter).
-    result = set_peft_model_state_dict(
-        peft_model, load_file(str(tmp_path / "peft/adapter_model.safetensors"))
-    )
-    assert result.unexpected_keys == []
-    adapter_params = {n for n, p in peft_model.named_parameters() if ".default" in n}
-    assert adapter_params and not adapter_params & set(result.missing_keys)
+    # peft warns about adapter tensors missing from the file (checked above) but not about tensors in
+    # the file that land nowhere: check those too.
+    saved = load_file(str(tmp_path / "peft/adapter_model.safetensors"))
+    assert saved and set_peft_model_state_dict(peft_model, saved).unexpected_keys == []
 
     expected = logits(ours, ids)
     assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapter does change the model
