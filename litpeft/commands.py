@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,6 @@ class Loaded:
     base: str
     method: PeftMethod | None = None
     adapter: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -86,7 +85,7 @@ def load(
         )
         if prompt_style is not None:
             style = get_style(prompt_style, tokenizer)
-        loaded = Loaded(lm, tokenizer, style, model or meta["base_model"], method, str(adapter), meta)
+        loaded = Loaded(lm, tokenizer, style, model or meta["base_model"], method, str(adapter))
     else:
         tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         lm = load_model(model, _dtype(dtype), trust_remote_code=trust_remote_code, tokenizer=tokenizer)
@@ -229,21 +228,38 @@ def chat(
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        prompt = loaded.style.generation_prompt(history, tokenizer)
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        enc = _encode_history(loaded, history, max_new_tokens)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                streamer=streamer,
-                **options,
-            )
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    streamer=streamer,
+                    **options,
+                )
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n[interrupted]", file=sys.stderr)
+            history.pop()
+            continue
         reply = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})
     return history
+
+
+def _encode_history(loaded: Loaded, history: list[Message], max_new_tokens: int) -> Any:
+    """The chat so far, tokenized; the oldest exchanges are dropped when it would not fit the context."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    while True:
+        prompt = loaded.style.generation_prompt(history, loaded.tokenizer)
+        enc = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        first = 1 if history[0]["role"] == "system" else 0
+        if limit is None or enc["input_ids"].shape[1] + max_new_tokens <= limit or len(history) - first < 3:
+            return enc.to(loaded.model.device)
+        del history[first : first + 2]
+        print("[the oldest exchange was dropped to fit the context]", file=sys.stderr)
 
 
 def _write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -101,3 +101,18 @@ class NormTuning(PeftMethod):
     def inject(self, model: PreTrainedModel) -> None:
         norm = [m for n, m in model.named_modules() if n.endswith(("norm", "ln_f"))][-1]
         norm.weight.requires_grad_(True)
+
+
+def main_error(capsys: Any, *argv: str) -> str:
+    """Run ``litpeft ARGV`` in this process; it must fail with exit code 2 and one error line, returned."""
+    import pytest
+
+    from litpeft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("litpeft: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
-from adapter_helpers import REPO, make_adapter, read_jsonl, run_litpeft, write_jsonl
+from adapter_helpers import make_adapter, read_jsonl, run_litpeft, write_jsonl
 
 from litpeft.adapter import load_adapter
 from litpeft.commands import evaluate, generate, rouge_l
@@ -69,11 +68,9 @@ def test_rouge_l_is_the_lcs_f1() -> None:
     assert rouge_l(["same words here"], ["Same words, here."]) == pytest.approx(1.0)
 
 
-def test_rouge_l_needs_no_nltk() -> None:
-    code = "import sys; sys.modules['nltk'] = None\nfrom litpeft.commands import rouge_l\nprint(rouge_l(['a b c'], ['a c']))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout.split()[-1]) == pytest.approx(0.8)  # LCS 2: P 2/3, R 1
+def test_rouge_l_needs_no_nltk(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "nltk", None)  # any `import nltk` now fails
+    assert rouge_l(["a b c"], ["a c"]) == pytest.approx(0.8)  # LCS 2: P 2/3, R 1
 
 
 def test_token_metrics_match_a_per_sample_reference(adapter, tmp_path) -> None:

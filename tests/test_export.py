@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from adapter_helpers import NormTuning, error_line, logits, make_adapter, run_litpeft, token_ids
+from adapter_helpers import NormTuning, logits, main_error, make_adapter, run_litpeft, token_ids
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -96,13 +96,12 @@ def test_method_without_peft_equivalent_is_refused_before_loading(tmp_path) -> N
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_not_overwritten(tmp_path) -> None:
+def test_existing_output_is_not_overwritten(tmp_path, capsys) -> None:
     adapter = make_adapter(tmp_path / "adapter", "tiny:llama", LoRA(r=2))
     (tmp_path / "out").mkdir()
     (tmp_path / "out/keep.txt").write_text("mine")
-    result = run_litpeft("export", "--adapter", str(adapter), "--output", str(tmp_path / "out"))
-    assert result.returncode != 0
-    assert "--output" in error_line(result) and "--overwrite" in error_line(result)
+    error = main_error(capsys, "export", "--adapter", str(adapter), "--output", str(tmp_path / "out"))
+    assert "--output" in error and "--overwrite" in error
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 

@@ -123,6 +123,26 @@ def test_chat_keeps_the_history_and_streams(adapter, generate_calls, capsys) -> 
     assert streamed == "".join(r + "\n" for r in replies)
 
 
+def test_chat_drops_the_oldest_exchange_when_the_context_is_full(adapter, generate_calls, capsys) -> None:
+    loaded = load(str(adapter), None)
+    limit = loaded.model.config.max_position_embeddings  # 512 byte tokens for tiny:llama
+    lines = iter([f"first {'a' * 200}", f"second {'b' * 200}", f"third {'c' * 200}"])
+
+    def read(_: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    history = chat(loaded, max_new_tokens=4, read=read, system="Be brief.")
+    prompts = [ids[0] for ids, _ in generate_calls]
+    assert all(len(p) + 4 <= limit for p in prompts)
+    last = loaded.tokenizer.decode(prompts[-1])
+    assert "Be brief." in last and "third" in last and "first" not in last
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
+    assert "dropped to fit the context" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
