@@ -579,7 +579,9 @@ def export_adapter(
     export.check_output_dir(output, overwrite)
     loaded = load(adapter, model, None, "cpu", None, trust_remote_code, allow_other_base)
     state = read_adapter_weights(adapter)
-    config, tensors = export.to_peft(loaded.model, loaded.method, state, resolve_spec(loaded.base))
+    base = resolve_spec(loaded.base)
+    base = str(Path(base).resolve()) if Path(base).is_dir() else base  # a hub id or tiny:<arch> stays
+    config, tensors = export.to_peft(loaded.model, loaded.method, state, base)
     export.save_peft(config, tensors, output, overwrite)
     print(f"{config['peft_type']} adapter in peft format written to {output}")
 

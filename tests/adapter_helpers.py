@@ -41,13 +41,13 @@ def make_adapter(
     return save_adapter(directory, lm, get_style(style, lm.tokenizer))
 
 
-def save_other_base(directory: str | Path, arch: str = "llama") -> Path:
+def save_other_base(directory: str | Path, arch: str = "llama", dtype: torch.dtype = torch.float32) -> Path:
     """A tiny base of the same architecture as ``tiny:<arch>`` but different weights, as a model dir."""
     tokenizer = tiny_tokenizer()
     model = load_model(f"tiny:{arch}", tokenizer=tokenizer)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(1.5)
-    model.save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
 

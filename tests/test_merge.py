@@ -12,7 +12,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from adapter_helpers import NormTuning, logits, main_error, make_adapter, run_litpeft, token_ids
+from adapter_helpers import (
+    NormTuning,
+    logits,
+    main_error,
+    make_adapter,
+    run_litpeft,
+    save_other_base,
+    token_ids,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from litpeft.adapter import load_adapter
@@ -76,6 +84,13 @@ def test_dtype_option_casts_the_float32_merge(tmp_path) -> None:
     assert json.loads((tmp_path / "bf16/config.json").read_text())["dtype"] == "bfloat16"
     for name, tensor in fp32.state_dict().items():
         assert torch.equal(bf16.state_dict()[name], tensor.to(torch.bfloat16)), name
+
+
+def test_default_dtype_is_the_base_checkpoints(tmp_path) -> None:
+    base = save_other_base(tmp_path / "bf16-base", dtype=torch.bfloat16)
+    adapter = make_adapter(tmp_path / "adapter", str(base), LoRA(r=2))
+    merge(str(adapter), str(tmp_path / "merged"))
+    assert _load_plain(tmp_path / "merged").dtype == torch.bfloat16
 
 
 def test_merge_cli_in_a_subprocess(tmp_path) -> None:
