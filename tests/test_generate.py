@@ -83,6 +83,19 @@ def test_prompt_uses_the_adapters_prompt_style(adapter, generate_calls, capsys) 
     )
 
 
+def test_saved_chat_template_style_and_override(tmp_path, generate_calls, capsys) -> None:
+    adapter = make_adapter(tmp_path / "adapter", "tiny:llama", LoRA(r=2), style="chat_template")
+    generate(adapter=str(adapter), prompt="Hi", system="Be brief.", max_new_tokens=1)
+    generate(adapter=str(adapter), prompt="Hi", prompt_style="alpaca", max_new_tokens=1)
+    tokenizer = load(None, "tiny:llama").tokenizer
+    chatml, alpaca = (tokenizer.decode(ids[0]) for ids, _ in generate_calls)
+    assert (
+        chatml
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert alpaca.startswith("Below is an instruction") and alpaca.endswith("### Response:\n")
+
+
 def test_raw_prompt_and_base_model_alone(generate_calls, capsys) -> None:
     generate(model="tiny:llama", prompt="Once upon a time", raw=True, max_new_tokens=2)
     ((ids, _),) = generate_calls
