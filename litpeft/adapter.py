@@ -96,7 +96,8 @@ def load_adapter(
     ):
         raise LitPeftError(
             f"adapter '{directory}' was trained on base '{meta['base_model']}', which differs from "
-            f"'{spec}' (fingerprint {meta['base_fingerprint']} vs {base_fingerprint(base)})"
+            f"'{spec}' (fingerprint {meta['base_fingerprint']} vs {base_fingerprint(base)}); "
+            "--allow_other_base true uses it anyway"
         )
     method = method_from_config(meta["method"])
     method.apply(base)

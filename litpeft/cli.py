@@ -17,6 +17,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
 from torch.optim import Optimizer
 
+from litpeft.commands import COMMANDS
 from litpeft.data import InstructionDataModule
 from litpeft.errors import LitPeftError
 from litpeft.methods import METHODS
@@ -25,6 +26,7 @@ from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_sl
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
 TOOLS: dict[str, Callable[[list[str]], None]] = {}
+TOOLS.update(COMMANDS)  # generate, evaluate, merge, export
 
 
 class LitPeftCLI(LightningCLI):

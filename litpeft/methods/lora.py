@@ -179,7 +179,18 @@ class LoRA(PeftMethod):
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        targets = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in state if ".lora_" in k})
+        # peft matches target names by suffix: the short names when they select exactly the adapted
+        # layers (the usual case), the full names when they would select more (a regex or a subset).
+        adapted = sorted({k.rsplit(".lora_", 1)[0] for k in state if ".lora_" in k})
+        short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+        same_named = {
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, Conv1D, LoRALinear))
+            and not n.endswith((".base_layer", ".lora_A", ".lora_B"))
+            and n.rsplit(".", 1)[-1] in short
+        }
+        targets = short if same_named == set(adapted) else adapted
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -201,7 +212,7 @@ class LoRA(PeftMethod):
         }
         tensors = {}
         for k, v in state.items():
-            k = k.replace(".base_layer.bias", ".bias")
+            # Biases keep their names: peft also saves a wrapped layer's bias as ``<layer>.base_layer.bias``.
             if k.endswith("lora_magnitude_vector"):
                 k += ".weight"
             tensors["base_model.model." + k] = v

@@ -1,0 +1,144 @@
+"""What leaves litpeft: a merged plain Hugging Face model, or a Hugging Face ``peft`` adapter directory.
+
+Both are generic over :class:`~litpeft.methods.PeftMethod`: the method folds itself into the base
+(:meth:`~litpeft.methods.PeftMethod.merge`) or maps its tensors to peft's names
+(:meth:`~litpeft.methods.PeftMethod.to_peft`); this module checks the result and writes it. A directory
+is written under a temporary name and renamed at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from litpeft.errors import LitPeftError
+from litpeft.methods import PeftLayer, PeftMethod
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def check_mergeable(method: PeftMethod) -> None:
+    """Fail before any model is loaded when the method declares it cannot be merged."""
+    if not getattr(method, "mergeable", False):
+        raise LitPeftError(
+            f"method '{method.name}' cannot be merged into the base weights (it is not a weight update); "
+            "use the adapter directory as is (litpeft generate --adapter) or export it (litpeft export)"
+        )
+
+
+def check_exportable(method: PeftMethod) -> None:
+    """Fail before any model is loaded when the method has no peft mapping at all."""
+    if type(method).to_peft is PeftMethod.to_peft:
+        raise LitPeftError(f"method '{method.name}' has no Hugging Face peft equivalent to export to")
+
+
+def merge(model: PreTrainedModel, method: PeftMethod) -> PreTrainedModel:
+    """``method.merge(model)``, checked: no method layer is left and the weights are the architecture's own.
+
+    The second check is what makes the result loadable by ``AutoModelForCausalLM`` without missing or
+    unexpected keys: the state dict must have exactly the keys of a fresh model built from its config.
+    """
+    check_mergeable(method)
+    merged = method.merge(model)
+    left = sorted({type(m).__name__ for m in merged.modules() if isinstance(m, PeftLayer)})
+    if left:
+        raise LitPeftError(f"merging '{method.name}' left method layers in the model: {', '.join(left)}")
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(merged.config)
+    ours, theirs = set(merged.state_dict()), set(plain.state_dict())
+    if ours != theirs:
+        extra, missing = sorted(ours - theirs), sorted(theirs - ours)
+        raise LitPeftError(
+            f"merging '{method.name}' did not give a plain {type(plain).__name__}: "
+            f"{len(extra)} extra weights (e.g. {extra[:2]}), {len(missing)} missing (e.g. {missing[:2]})"
+        )
+    merged.requires_grad_(False)
+    return merged.eval()
+
+
+def save_merged(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output: str | Path,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A plain HF model directory: safetensors weights, config, generation config, tokenizer, chat template."""
+
+    def write(tmp: Path) -> None:
+        target = model.to(dtype) if dtype is not None else model
+        target.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return write_directory(output, write, overwrite)
+
+
+def to_peft(
+    model: PreTrainedModel,
+    method: PeftMethod,
+    state: dict[str, torch.Tensor],
+    base_model_name_or_path: str | None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``method.to_peft`` plus the config fields peft fills in when it saves an adapter itself."""
+    check_exportable(method)
+    config, tensors = method.to_peft(model, state)
+    config = {
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        **config,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+    }
+    if "peft_type" not in config:
+        raise LitPeftError(f"method '{method.name}': to_peft() returned a config without 'peft_type'")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return config, tensors
+
+
+def save_peft(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], output: str | Path, overwrite: bool = False
+) -> Path:
+    """An HF ``peft`` directory: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+
+    def write(tmp: Path) -> None:
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+
+    return write_directory(output, write, overwrite)
+
+
+def check_output_dir(output: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing non-empty output directory (or a file) unless ``overwrite``; check it early."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise LitPeftError(f"--output '{output}' exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise LitPeftError(
+            f"--output '{output}' exists and is not empty (pass --overwrite true to replace it)"
+        )
+    return output
+
+
+def write_directory(output: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling of ``output``, then move it into place."""
+    output = check_output_dir(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.replace(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
