@@ -307,3 +307,21 @@ def test_architecture_without_attention_interface_is_refused(model_type):
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(LitPeftError, match="prefix_tuning.*attention interface"):
         PrefixTuning(4).apply(model)
+
+
+@pytest.mark.parametrize("make", [lambda: PrefixTuning(5, encoder_hidden_size=16), lambda: PTuningV2(5)])
+def test_adapter_directory_round_trip(make, tmp_path):
+    """save_adapter writes the projected prefix; load_adapter rebuilds the model with the same logits."""
+    from types import SimpleNamespace
+
+    from litpeft.adapter import load_adapter, read_adapter_weights, save_adapter
+
+    method = make()
+    model = build("llama", method)
+    train(model, batch(), steps=2)
+    save_adapter(tmp_path, SimpleNamespace(model=model, method=method, model_spec="tiny:llama"))
+    assert sum(v.numel() for v in read_adapter_weights(tmp_path).values()) == 2 * 2 * 2 * 5 * 16
+    loaded, _, loaded_method, _ = load_adapter(tmp_path)
+    assert type(loaded_method) is type(method)
+    data = batch("left")
+    torch.testing.assert_close(logits(loaded, data), logits(model, data), atol=1e-6, rtol=1e-6)
