@@ -383,3 +383,28 @@ def test_architecture_without_attention_interface_is_refused():
     config = AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_head=4, n_layer=2)
     with pytest.raises(LitPeftError, match="llama_adapter.*attention interface"):
         LlamaAdapter(adapter_layers=1).apply(AutoModelForCausalLM.from_config(config))
+
+
+@pytest.mark.integration
+def test_v1_peft_parity_on_smollm2(tmp_path, caplog):
+    """SmolLM2-135M (Llama, GQA 9/3 heads), top 10 layers, gates set to 0.5 (peft: tanh 0.5). Tolerance 1e-4."""
+    from litpeft.models import load_tokenizer
+
+    spec = "smollm2-135m-instruct"
+    tok = load_tokenizer(spec)
+    tok.padding_side = "left"
+    data = dict(tok(["What is the capital of France?", "Hi"], return_tensors="pt", padding=True))
+    method = LlamaAdapter(adapter_len=10, adapter_layers=10, gate_per_head=False)
+    torch.manual_seed(0)
+    model = method.apply(load_model(spec))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gate"):
+                p.fill_(0.5)
+    ours = logits(model, data)
+    _export(method, model, tmp_path)
+    with warnings.catch_warnings(record=True):
+        theirs = logits(peft.PeftModel.from_pretrained(load_model(spec), tmp_path).eval(), data)
+    keep = data["attention_mask"].bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
+    assert (logits(load_model(spec), data)[keep] - ours[keep]).abs().max() > 1e-2

@@ -325,3 +325,25 @@ def test_adapter_directory_round_trip(make, tmp_path):
     assert type(loaded_method) is type(method)
     data = batch("left")
     torch.testing.assert_close(logits(loaded, data), logits(model, data), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("make", [lambda: PrefixTuning(8, encoder_hidden_size=64), lambda: PTuningV2(8)])
+def test_peft_parity_on_smollm2(make, tmp_path):
+    """SmolLM2-135M (Llama, 9 heads over 3 KV heads): the exported prefix gives peft's logits (1e-4)."""
+    from litpeft.models import load_tokenizer
+
+    spec = "smollm2-135m-instruct"
+    tok = load_tokenizer(spec)
+    tok.padding_side = "left"
+    data = dict(tok(["What is the capital of France?", "Hi"], return_tensors="pt", padding=True))
+    method = make()
+    torch.manual_seed(0)
+    model = method.apply(load_model(spec))
+    ours = logits(model, data)
+    config, tensors = method.to_peft(model, method.adapter_state_dict(model))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    theirs = logits(peft.PeftModel.from_pretrained(load_model(spec), tmp_path).eval(), data)
+    keep = data["attention_mask"].bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
