@@ -92,7 +92,9 @@ class AdaptionPrompt(nn.Module, PeftLayer):
             self._cached = None
             return prompt_key_value(module, self.prompt)
         deps = [self.prompt, *module.parameters()]
-        stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in deps) + (torch.is_autocast_enabled(),)
+        stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in deps) + (
+            torch.is_autocast_enabled(self.prompt.device.type),
+        )
         if self._cached is None or self._cached[0] != stamp:
             self._cached = (stamp, prompt_key_value(module, self.prompt))
         return self._cached[1]

@@ -67,9 +67,10 @@ class LlamaAdapter(PeftMethod):
         return modules[len(modules) - n :]
 
     def inject(self, model: PreTrainedModel) -> None:
+        layers = self._top_layers(model)  # validates adapter_layers before the model is touched
         use_peft_attention(model, option=self.name)
         text = model.config.get_text_config()
-        for m in self._top_layers(model):
+        for m in layers:
             prompt = AdaptionPrompt(
                 text.hidden_size, self.adapter_len, text.num_attention_heads, self.gate_per_head
             )

@@ -88,9 +88,11 @@ def test_step_zero_logits_equal_the_base(arch, make):
 @pytest.mark.parametrize("per_head", [True, False])
 def test_v1_count_matches_the_paper(arch, per_head):
     """L layers x (K prompts x hidden + one gate per head, or one per layer)."""
-    k, layers = 5, 2
+    k, layers = 5, 1
     model = build(arch, LlamaAdapter(adapter_len=k, adapter_layers=layers, gate_per_head=per_head))
     c = model.config
+    adapted = [m.layer_idx for m in model.modules() if hasattr(m, "litpeft_adaption")]
+    assert adapted == [c.num_hidden_layers - 2, c.num_hidden_layers - 1][-layers:]  # the top L layers
     expected = layers * (k * c.hidden_size + (c.num_attention_heads if per_head else 1))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
 
@@ -373,8 +375,10 @@ def test_bad_config_names_the_option(make, option):
 
 
 def test_more_adapter_layers_than_the_model_has():
+    model = base_model("llama")
     with pytest.raises(LitPeftError, match="adapter_layers=5.*2 layers"):
-        LlamaAdapter(adapter_layers=5).apply(base_model("llama"))
+        LlamaAdapter(adapter_layers=5).apply(model)
+    assert model.config._attn_implementation == "sdpa"  # refused before the model was touched
 
 
 def test_architecture_without_attention_interface_is_refused():
