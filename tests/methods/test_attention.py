@@ -100,3 +100,29 @@ def test_architecture_without_the_interface_is_named():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(LitPeftError, match="BloomForCausalLM does not use transformers' attention interface"):
         use_peft_attention(model)
+
+
+def test_qwen3_prompt_keys_use_its_key_norm():
+    """Qwen3 normalizes keys per head (k_norm) inside its key map: the prompt keys get the same map."""
+    from litpeft.methods.attention import prompt_key_value
+
+    config = AutoConfig.for_model(
+        "qwen3",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    torch.manual_seed(0)
+    attn = AutoModelForCausalLM.from_config(config).model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+        prompt = torch.randn(3, 64)
+        k, v = prompt_key_value(attn, prompt)
+        # Qwen3Attention's own key computation: k_norm(k_proj(x).view(..., heads, head_dim))
+        expected = attn.k_norm(attn.k_proj(prompt).view(3, 2, 16)).transpose(0, 1)
+    torch.testing.assert_close(k, expected)
+    torch.testing.assert_close(v, attn.v_proj(prompt).view(3, 2, 16).transpose(0, 1))
