@@ -1,0 +1,280 @@
+"""LLaMA-Adapter (Zhang et al. 2023, arXiv 2303.16199) and LLaMA-Adapter V2 (Gao et al. 2023, arXiv 2304.15010).
+
+v1: the top ``L`` layers get ``K`` learnable adaption prompts ``P_l`` (K x hidden). Their keys/values come
+from the layer's own frozen projections, without rotary encoding; every query attends to them with a
+separate softmax, scaled by a zero-initialised gate (paper eq. 8, one gate per head, through ``tanh``)::
+
+    S_g = [ tanh(g_l) * softmax(Q K_p^T / sqrt(d)) ;  softmax(Q K^T / sqrt(d) + mask) ]
+    out = S_g [V_p ; V]
+
+so the wrapped model starts exactly at the base model. The term is added inside attention by
+:func:`litpeft.methods.attention.peft_attention` (any architecture on transformers' attention interface;
+grouped-query attention: prompt K/V have ``num_key_value_heads`` heads, repeated like the layer's own).
+
+v2 adds, on every linear layer, an unlocked bias and scale ``y = s * (W x + b)`` (``b = 0``, ``s = 1`` at
+init; paper sec. 3.1 "bias tuning") and makes the normalization layers trainable. :meth:`LlamaAdapterV2.merge`
+folds bias/scale (and the tuned norms) into the base weights and returns a plain Hugging Face model; the
+gated prompts cannot be folded and stay an adapter: :meth:`LlamaAdapterV2.prompts` gives them as a v1
+:class:`LlamaAdapter` (method + tensors) that applies to the merged model.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from litpeft.errors import LitPeftError
+from litpeft.methods.attention import AdaptionPrompt, attention_modules, restore_attention, use_peft_attention
+from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, replace_module
+
+ADAPTION = "litpeft_adaption"  # attribute of the attention module that holds its AdaptionPrompt
+
+
+class LlamaAdapter(PeftMethod):
+    """LLaMA-Adapter v1: zero-init gated adaption prompts in the top layers.
+
+    Args:
+        adapter_len: number of adaption prompts ``K`` per layer (the paper: 10).
+        adapter_layers: number of top layers ``L`` that get prompts (the paper: 30 of LLaMA-7B's 32);
+            ``None``: every layer.
+        gate_per_head: one gate per attention head (the paper); off: one gate per layer (peft's form,
+            needed to export a trained adapter to peft).
+    """
+
+    name = "llama_adapter"
+
+    def __init__(
+        self, adapter_len: int = 10, adapter_layers: int | None = None, gate_per_head: bool = True
+    ) -> None:
+        if adapter_len <= 0:
+            raise LitPeftError(f"adapter_len must be positive, got {adapter_len}")
+        if adapter_layers is not None and adapter_layers <= 0:
+            raise LitPeftError(f"adapter_layers must be positive, got {adapter_layers}")
+        self.adapter_len, self.adapter_layers, self.gate_per_head = adapter_len, adapter_layers, gate_per_head
+
+    def _top_layers(self, model: PreTrainedModel) -> list[nn.Module]:
+        modules = attention_modules(model)
+        n = len(modules) if self.adapter_layers is None else self.adapter_layers
+        if n > len(modules):
+            raise LitPeftError(
+                f"adapter_layers={self.adapter_layers} but {type(model).__name__} has {len(modules)} layers"
+            )
+        return modules[len(modules) - n :]
+
+    def inject(self, model: PreTrainedModel) -> None:
+        layers = self._top_layers(model)  # validates adapter_layers before the model is touched
+        use_peft_attention(model, option=self.name)
+        text = model.config.get_text_config()
+        for m in layers:
+            prompt = AdaptionPrompt(
+                text.hidden_size, self.adapter_len, text.num_attention_heads, self.gate_per_head
+            )
+            setattr(m, ADAPTION, prompt.to(model.device))
+
+    def to_peft(
+        self, model: PreTrainedModel, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """peft ``ADAPTION_PROMPT``: ``adaption_prompt`` ``(1, K, hidden)`` and ``adaption_gate`` ``(1,)``.
+
+        peft multiplies by its gate raw; litpeft by ``tanh(gate)``: the exported gate is ``tanh(gate)``,
+        which gives identical outputs. peft has one gate per layer, so per-head gates export only while they
+        are all equal (e.g. at step 0). peft's GPT-2 variant adds the prompt term after ``c_proj``
+        without projecting it, which is not the paper's formula: only Llama and Mistral export.
+        """
+        if model.config.model_type not in ("llama", "mistral"):
+            raise LitPeftError(
+                f"LLaMA-Adapter exports to peft only for llama and mistral models, not {model.config.model_type}"
+            )
+        tensors = {}
+        for key, value in state.items():
+            if not key.endswith(f"{ADAPTION}.prompt") and not key.endswith(f"{ADAPTION}.gate"):
+                raise LitPeftError(f"{self.name}: '{key}' has no peft adaption_prompt equivalent")
+            attn = key.rsplit(f".{ADAPTION}.", 1)[0]
+            if key.endswith(".prompt"):
+                tensors[f"base_model.model.{attn}.adaption_prompt"] = value[None]
+            else:
+                if not bool((value == value[0]).all()):
+                    raise LitPeftError(
+                        f"{self.name}: peft's adaption_prompt has one gate per layer but {attn} has different "
+                        "per-head gates; train with gate_per_head: false to export to peft"
+                    )
+                tensors[f"base_model.model.{attn}.adaption_gate"] = torch.tanh(value[:1])
+        layers = len(self._top_layers(model))
+        config = {
+            "peft_type": "ADAPTION_PROMPT",
+            "task_type": "CAUSAL_LM",
+            "adapter_len": self.adapter_len,
+            "adapter_layers": layers,
+            "target_modules": "self_attn",
+            "inference_mode": True,
+        }
+        return config, tensors
+
+
+class BiasScaleLinear(nn.Module, PeftLayer):
+    """LLaMA-Adapter V2's bias tuning of a frozen linear layer: ``y = s * (W x + b0 + b)``, ``b = 0``, ``s = 1``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        w = base_layer.weight
+        out_features = w.shape[1] if isinstance(base_layer, Conv1D) else w.shape[0]
+        self.adapter_bias = nn.Parameter(torch.zeros(out_features, device=w.device))
+        self.adapter_scale = nn.Parameter(torch.ones(out_features, device=w.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        return (self.adapter_scale * (y + self.adapter_bias)).to(y.dtype)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """A plain layer of the same kind with ``s * W`` and bias ``s * (b0 + b)``."""
+        base, s = self.base_layer, self.adapter_scale.float()
+        w = base.weight.float()
+        w = w * s[None, :] if isinstance(base, Conv1D) else w * s[:, None]
+        b0 = base.bias.float() if base.bias is not None else 0.0
+        bias = s * (b0 + self.adapter_bias.float())
+        if isinstance(base, Conv1D):
+            layer = Conv1D(w.shape[1], w.shape[0])
+        else:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=True)
+        dtype = base.weight.dtype
+        layer.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return layer.to(base.weight.device)
+
+
+class TunedNorm(nn.Module, PeftLayer):
+    """A trainable copy of a normalization layer; the frozen original serves when disabled."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.tuned = copy.deepcopy(base_layer).requires_grad_(True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.base_layer if self.disabled else self.tuned)(*args, **kwargs)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
+        ("RMSNorm", "LayerNorm")
+    )
+
+
+class LlamaAdapterV2(LlamaAdapter):
+    """LLaMA-Adapter V2: v1's gated prompts plus bias/scale on the linear layers and trainable norms.
+
+    Args:
+        adapter_len: number of adaption prompts ``K`` per layer.
+        adapter_layers: number of top layers with prompts; ``None``: every layer.
+        gate_per_head: one gate per head (else one per layer).
+        target_modules: linear layers that get bias and scale (names, regex, or ``"all-linear"``: every
+            linear layer except the LM head, as the paper).
+        train_norms: make the normalization layers trainable (the paper: yes).
+
+    ``merge`` returns the base model with bias/scale folded into the weights and the tuned norms in place:
+    a plain Hugging Face model without the prompts. The prompts are :meth:`prompts` (a v1 adapter for the
+    merged model). A layer without a bias slot in its architecture (e.g. Qwen2's ``o_proj``) cannot take
+    a merged bias: merge then fails with the layer's name.
+    """
+
+    name = "llama_adapter_v2"
+    mergeable = True
+
+    def __init__(
+        self,
+        adapter_len: int = 10,
+        adapter_layers: int | None = None,
+        gate_per_head: bool = True,
+        target_modules: str | list[str] = "all-linear",
+        train_norms: bool = True,
+    ) -> None:
+        super().__init__(adapter_len, adapter_layers, gate_per_head)
+        self.target_modules = (
+            list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
+        )
+        self.train_norms = train_norms
+
+    def inject(self, model: PreTrainedModel) -> None:
+        super().inject(model)
+        for name in find_targets(model, self.target_modules, (nn.Linear, Conv1D)):
+            replace_module(model, name, BiasScaleLinear(model.get_submodule(name)))
+        if self.train_norms:
+            norms = [n for n, m in model.named_modules() if _is_norm(m)]
+            for name in norms:
+                replace_module(model, name, TunedNorm(model.get_submodule(name)))
+
+    def to_peft(
+        self, model: PreTrainedModel, state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        raise LitPeftError(
+            "llama_adapter_v2 has no Hugging Face peft equivalent (peft PR #398 was closed); use merge, which "
+            "gives a plain HF model plus the prompts as a llama_adapter (v1) adapter"
+        )
+
+    def prompts(self, model: nn.Module) -> tuple[LlamaAdapter, dict[str, torch.Tensor]]:
+        """The gated prompts as a v1 adapter: ``(method, tensors)``, for the model :meth:`merge` returns."""
+        state = {
+            k: v.detach().clone() for k, v in self.adapter_state_dict(model).items() if f".{ADAPTION}." in k
+        }
+        return LlamaAdapter(self.adapter_len, self.adapter_layers, self.gate_per_head), state
+
+    def merge(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Fold bias/scale and tuned norms into the base; remove the prompts; return a plain HF model."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BiasScaleLinear):
+                replace_module(model, name, module.merged())
+            elif isinstance(module, TunedNorm):
+                replace_module(model, name, module.tuned)
+        for m in attention_modules(model):
+            if hasattr(m, ADAPTION):
+                delattr(m, ADAPTION)
+        restore_attention(model)
+        _fit_config_to_biases(model)
+        model.requires_grad_(False)
+        return model
+
+
+def _fit_config_to_biases(model: PreTrainedModel) -> None:
+    """Make the config describe the merged biases, so ``from_pretrained`` builds (and loads) them.
+
+    Turns on the config's bias switches (``attention_bias``, ``mlp_bias``: Llama-style models) as
+    needed and gives every layer such a switch adds a zero bias if it has none.
+    """
+    from transformers import AutoModelForCausalLM
+
+    def expected() -> set[str]:
+        with torch.device("meta"):
+            return set(AutoModelForCausalLM.from_config(copy.deepcopy(model.config)).state_dict())
+
+    have = set(model.state_dict())
+    extra = have - expected()
+    for switch in ("attention_bias", "mlp_bias"):
+        if not extra:
+            break
+        if getattr(model.config, switch, None) is False:
+            setattr(model.config, switch, True)
+            if len(have - expected()) < len(extra):
+                extra = have - expected()
+            else:
+                setattr(model.config, switch, False)
+    if extra:
+        layers = sorted({k.rsplit(".", 1)[0] for k in extra})
+        raise LitPeftError(
+            f"llama_adapter_v2 merge: {type(model).__name__} has no bias in {layers[:3]} "
+            f"({len(layers)} layers); exclude them with target_modules"
+        )
+    for key in sorted(expected() - have):
+        if not key.endswith(".bias"):
+            continue
+        layer = model.get_submodule(key.rsplit(".", 1)[0])
+        out = layer.weight.shape[1] if isinstance(layer, Conv1D) else layer.weight.shape[0]
+        layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype, device=layer.weight.device))

@@ -1,0 +1,128 @@
+"""The shared attention function: wraps sdpa and eager alike, masks (none, padding, causal with a cache
+offset), the prefix kept out of the KV cache, and the errors for what it cannot wrap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from litpeft.errors import LitPeftError
+from litpeft.methods import PrefixTuning
+from litpeft.methods.attention import (
+    AdaptionPrompt,
+    attention_modules,
+    restore_attention,
+    use_peft_attention,
+)
+from litpeft.models import load_model, tiny_tokenizer
+
+ARCHS = ["llama", "qwen2", "gpt2", "mistral", "phi3"]
+TEXTS = ["Attention is all you need, and a prefix.", "Short one"]
+
+
+def both_methods(arch: str, implementation: str) -> torch.nn.Module:
+    """A tiny model with a prefix (prefix tuning) and a gated adaption prompt with non-zero gates on every layer."""
+    model = load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
+    model.set_attn_implementation(implementation)
+    torch.manual_seed(0)
+    PrefixTuning(num_virtual_tokens=3, encoder_hidden_size=16).apply(model)
+    config = model.config
+    for m in attention_modules(model):
+        m.litpeft_adaption = AdaptionPrompt(config.hidden_size, 4, config.num_attention_heads)
+        torch.nn.init.uniform_(m.litpeft_adaption.gate, -2.0, 2.0)
+    return model.eval()
+
+
+def encode(side: str) -> dict[str, torch.Tensor]:
+    tok = tiny_tokenizer()
+    tok.padding_side = side
+    return dict(tok(TEXTS, return_tensors="pt", padding=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finds_every_attention_layer(arch):
+    model = load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
+    assert [m.layer_idx for m in attention_modules(model)] == list(range(model.config.num_hidden_layers))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sdpa_and_eager_wrapped_alike(arch):
+    """The same prefix + adaption prompt through sdpa (bool masks, or none) and eager (additive masks)."""
+    sdpa, eager = both_methods(arch, "sdpa"), both_methods(arch, "eager")
+    assert sdpa.config._attn_implementation == "litpeft_sdpa"
+    assert eager.config._attn_implementation == "litpeft_eager"
+    for side in ("left", "right"):
+        enc = encode(side)
+        keep = enc["attention_mask"].bool()
+        with torch.no_grad():
+            a, b = sdpa(**enc).logits, eager(**enc).logits
+        torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-5)
+    # no attention mask at all: sdpa gets mask=None (its is_causal shortcut), which must become causal + prefix
+    ids = encode("right")["input_ids"][:1]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sdpa(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_with_cache_equals_one_pass(arch):
+    """Queries after cached keys: the causal mask is offset by the cache, the prefix stays in front."""
+    model = both_methods(arch, "sdpa")
+    ids = encode("right")["input_ids"][:1]
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        first = model(input_ids=ids[:, :5], use_cache=True)
+        assert first.past_key_values.get_seq_length() == 5  # the prefix is not in the cache
+        second = model(input_ids=ids[:, 5:], cache=first.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first.logits, second], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_restore_attention():
+    model = load_model("tiny:llama", tokenizer=tiny_tokenizer())
+    use_peft_attention(model)
+    assert model.config._attn_implementation == "litpeft_sdpa"
+    use_peft_attention(model)  # idempotent
+    restore_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_unsupported_implementation_is_named():
+    model = load_model("tiny:llama", tokenizer=tiny_tokenizer())
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(LitPeftError, match="prefix_tuning: attention implementation 'flex_attention'"):
+        use_peft_attention(model, option="prefix_tuning")
+
+
+def test_architecture_without_the_interface_is_named():
+    config = AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_head=4, n_layer=2)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(LitPeftError, match="BloomForCausalLM does not use transformers' attention interface"):
+        use_peft_attention(model)
+
+
+def test_qwen3_prompt_keys_use_its_key_norm():
+    """Qwen3 normalizes keys per head (k_norm) inside its key map: the prompt keys get the same map."""
+    from litpeft.methods.attention import prompt_key_value
+
+    config = AutoConfig.for_model(
+        "qwen3",
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    torch.manual_seed(0)
+    attn = AutoModelForCausalLM.from_config(config).model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+        prompt = torch.randn(3, 64)
+        k, v = prompt_key_value(attn, prompt)
+        # Qwen3Attention's own key computation: k_norm(k_proj(x).view(..., heads, head_dim))
+        expected = attn.k_norm(attn.k_proj(prompt).view(3, 2, 16)).transpose(0, 1)
+    torch.testing.assert_close(k, expected)
+    torch.testing.assert_close(v, attn.v_proj(prompt).view(3, 2, 16).transpose(0, 1))

@@ -1,0 +1,414 @@
+"""LLaMA-Adapter v1 and v2: zero-change start, the paper's parameter count, training, padding,
+checkpointing, bf16, generation with the KV cache, peft round trip (v1), merge (v2), bad configs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from unittest import mock
+
+import peft
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+from litpeft.errors import LitPeftError
+from litpeft.methods import METHODS, LlamaAdapter, LlamaAdapterV2, adapters_disabled
+from litpeft.methods import attention as attention_module
+from litpeft.models import load_model, tiny_tokenizer
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there", "Adapters start at zero."]
+
+
+def batch(padding_side: str = "right", texts: list[str] = TEXTS) -> dict[str, torch.Tensor]:
+    tok = tiny_tokenizer()
+    tok.padding_side = padding_side
+    enc = tok(texts, return_tensors="pt", padding=True)
+    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return dict(enc)
+
+
+def base_model(arch: str) -> nn.Module:
+    return load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
+
+
+def build(arch: str, method: LlamaAdapter, seed: int = 0) -> nn.Module:
+    model = base_model(arch)
+    torch.manual_seed(seed)
+    return method.apply(model)
+
+
+def train(model: nn.Module, data: dict[str, torch.Tensor], steps: int = 5, lr: float = 2e-2) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def logits(model: nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+
+
+def v1() -> LlamaAdapter:
+    return LlamaAdapter(adapter_len=4, adapter_layers=2)
+
+
+def v2() -> LlamaAdapterV2:
+    return LlamaAdapterV2(adapter_len=4, adapter_layers=2)
+
+
+def test_registered_under_own_names():
+    assert METHODS["llama_adapter"] is LlamaAdapter and METHODS["llama_adapter_v2"] is LlamaAdapterV2
+    assert LlamaAdapter().adapter_len == 10  # the paper's K
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "mistral", "phi3"])
+@pytest.mark.parametrize("make", [v1, v2])
+def test_step_zero_logits_equal_the_base(arch, make):
+    """Gate 0 (tanh 0 = 0), bias 0, scale 1, norms copied: the outputs are bit-identical (tolerance 0)."""
+    data = batch("left")
+    ours = logits(build(arch, make()), data)
+    torch.testing.assert_close(ours, logits(base_model(arch), data), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("per_head", [True, False])
+def test_v1_count_matches_the_paper(arch, per_head):
+    """L layers x (K prompts x hidden + one gate per head, or one per layer)."""
+    k, layers = 5, 1
+    model = build(arch, LlamaAdapter(adapter_len=k, adapter_layers=layers, gate_per_head=per_head))
+    c = model.config
+    adapted = [m.layer_idx for m in model.modules() if hasattr(m, "litpeft_adaption")]
+    assert adapted == [c.num_hidden_layers - 2, c.num_hidden_layers - 1][-layers:]  # the top L layers
+    expected = layers * (k * c.hidden_size + (c.num_attention_heads if per_head else 1))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_v2_count_matches_the_paper(arch):
+    """v1's prompts and gates + (bias, scale) per output feature of every linear layer but the LM head
+    + every normalization layer's parameters."""
+    k, layers = 3, 2
+    model = build(arch, LlamaAdapterV2(adapter_len=k, adapter_layers=layers))
+    base = base_model(arch)
+    c = base.config
+    prompts = layers * (k * c.hidden_size + c.num_attention_heads)
+    head = base.get_output_embeddings()
+    linear_out = sum(
+        (m.weight.shape[1] if isinstance(m, Conv1D) else m.out_features)
+        for m in base.modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and m is not head
+    )
+    norms = sum(
+        p.numel() for m in base.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)
+    )
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == prompts + 2 * linear_out + norms
+
+
+def test_v1_count_equals_peft_with_one_gate_per_layer():
+    model = build("llama", LlamaAdapter(adapter_len=5, adapter_layers=2, gate_per_head=False))
+    config = peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=5, adapter_layers=2)
+    pm = peft.get_peft_model(base_model("llama"), config)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in pm.parameters() if p.requires_grad
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("make", [v1, v2])
+def test_training_reduces_loss_and_changes_only_the_adapter(arch, make):
+    model = build(arch, make())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # v1 starts with zero gates (zero gradient for the prompts): it needs a larger step than v2
+    losses = train(model, batch(), steps=10, lr=1e-1 if make is v1 else 2e-2)
+    assert losses[-1] < losses[0] - 0.03
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+    assert all("litpeft_adaption" in n or "adapter_" in n or ".tuned." in n for n in changed)
+    # the base model is intact underneath
+    data = batch("left")
+    with adapters_disabled(model):
+        torch.testing.assert_close(logits(model, data), logits(base_model(arch), data), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adaption_term_equals_eq8(arch):
+    """The adaption term of one layer equals eq. 8 written out here (GPT-2 has no RoPE to replay, so the
+    query is c_attn's; for RoPE models the query is captured from the layer's own attention call)."""
+    model = build(arch, LlamaAdapter(adapter_len=3, adapter_layers=1)).eval()
+    attn = [m for m in model.modules() if hasattr(m, "litpeft_adaption")][0]
+    adaption = attn.litpeft_adaption
+    with torch.no_grad():
+        adaption.gate.copy_(torch.linspace(-1.0, 1.5, adaption.gate.numel()))
+    captured = {}
+    wrapped = attention_module._wrapped_implementation
+
+    def spy(module):
+        inner = wrapped(module)
+
+        def call(mod, q, k, v, mask, **kw):
+            if mod is attn:
+                captured["q"], captured["scaling"] = q, kw["scaling"]
+            return inner(mod, q, k, v, mask, **kw)
+
+        return call
+
+    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.c_proj
+    outputs = []
+    hook = out_proj.register_forward_hook(lambda m, args, out: outputs.append(args[0]))
+    data = batch("right")
+    with mock.patch.object(attention_module, "_wrapped_implementation", spy):
+        logits(model, data)
+        with adapters_disabled(model):
+            logits(model, data)
+    hook.remove()
+    # eq. 8, written out: prompt keys/values through the layer's own projections, no RoPE
+    x = adaption.prompt.detach()
+    if arch == "gpt2":
+        _, k, v = attn.c_attn(x).split(attn.split_size, dim=-1)
+    else:
+        k, v = attn.k_proj(x), attn.v_proj(x)
+    heads, kv_heads = model.config.num_attention_heads, k.shape[-1] // attn.head_dim
+    k = k.view(3, kv_heads, attn.head_dim).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+    v = v.view(3, kv_heads, attn.head_dim).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+    q = captured["q"]
+    weights = torch.softmax(q @ k.transpose(-1, -2) * attn.head_dim**-0.5, dim=-1)
+    term = torch.tanh(adaption.gate.detach()).view(1, -1, 1, 1) * weights @ v  # (B, H, T, d)
+    expected = term.transpose(1, 2).flatten(2)
+    torch.testing.assert_close(outputs[0] - outputs[1], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_side_does_not_change_real_token_logits(arch):
+    model = build(arch, v2())
+    train(model, batch(), steps=2)
+    tok = tiny_tokenizer()
+    for side in ("left", "right"):
+        data = batch(side)
+        positions = (data["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            padded = model(
+                input_ids=data["input_ids"], attention_mask=data["attention_mask"], position_ids=positions
+            ).logits
+        for i, text in enumerate(TEXTS):
+            with torch.no_grad():
+                alone = model(input_ids=tok(text, return_tensors="pt")["input_ids"]).logits[0]
+            torch.testing.assert_close(
+                padded[i][data["attention_mask"][i].bool()], alone, atol=1e-5, rtol=1e-5
+            )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("make", [v1, v2])
+def test_gradient_checkpointing_gives_the_same_gradients(arch, make):
+    data = batch("left")
+    results = []
+    for checkpointing in (False, True):
+        model = build(arch, make())
+        with torch.no_grad():  # non-zero gates, so the prompts get gradients too
+            for n, p in model.named_parameters():
+                if n.endswith("litpeft_adaption.gate"):
+                    p.fill_(0.5)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        loss = model(**data, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("make", [v1, v2])
+def test_bf16(arch, make):
+    data = batch("left")
+    model = build(arch, make())
+    train(model, batch(), steps=2)
+    reference = logits(model, data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = logits(model, data)
+        loss = model(**data).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    keep = data["attention_mask"].bool()
+    assert (mixed.float()[keep] - reference[keep]).abs().max() < 0.1
+    model.to(torch.bfloat16)
+    assert torch.isfinite(logits(model, data)).all()
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "mistral", "phi3"])
+@pytest.mark.parametrize("make", [v1, v2])
+def test_generate_with_cache_equals_without_and_prompt_kv_computed_once(arch, make):
+    model = build(arch, make())
+    train(model, batch(), steps=3)  # non-zero gates
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    enc = tok(TEXTS[:2], return_tensors="pt", padding=True)
+    out = {}
+    real = attention_module.prompt_key_value
+    with mock.patch.object(attention_module, "prompt_key_value", side_effect=real) as calls:
+        for use_cache in (True, False):
+            out[use_cache] = model.generate(
+                **enc, max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=tok.pad_token_id
+            )
+    # once per adapted layer for both generations (16 forward passes), not once per token
+    assert calls.call_count == len([m for m in model.modules() if hasattr(m, "litpeft_adaption")])
+    assert torch.equal(out[True], out[False])
+
+
+def _export(method: LlamaAdapter, model: nn.Module, directory) -> None:
+    config, tensors = method.to_peft(model, method.adapter_state_dict(model))
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+
+
+def _peft_logits(directory, data, caplog) -> torch.Tensor:
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(base_model("llama"), directory).eval()
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
+    return logits(loaded, data)
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_v1_peft_round_trip_at_step_zero(per_head, tmp_path, caplog):
+    method = LlamaAdapter(adapter_len=4, adapter_layers=2, gate_per_head=per_head)
+    model = build("llama", method)
+    _export(method, model, tmp_path)
+    data = batch("left")
+    torch.testing.assert_close(
+        _peft_logits(tmp_path, data, caplog), logits(model, data), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_v1_peft_round_trip_after_training(tmp_path, caplog):
+    """One gate per layer; peft's raw gate is our tanh(gate). Tolerance 1e-5 (float32 reassociation)."""
+    method = LlamaAdapter(adapter_len=4, adapter_layers=2, gate_per_head=False)
+    model = build("llama", method)
+    train(model, batch(), steps=6)
+    gates = [p for n, p in model.named_parameters() if n.endswith("gate")]
+    assert all(g.abs().item() > 1e-3 for g in gates)
+    _export(method, model, tmp_path)
+    data = batch("left")
+    ours = logits(model, data)
+    keep = data["attention_mask"].bool()
+    torch.testing.assert_close(_peft_logits(tmp_path, data, caplog)[keep], ours[keep], atol=1e-5, rtol=1e-5)
+    assert (logits(base_model("llama"), data)[keep] - ours[keep]).abs().max() > 1e-3
+
+
+def test_v1_export_refuses_what_peft_cannot_express(tmp_path):
+    method = LlamaAdapter(adapter_len=4, adapter_layers=1)
+    model = build("llama", method)
+    train(model, batch(), steps=3)
+    with pytest.raises(LitPeftError, match="gate_per_head"):
+        method.to_peft(model, method.adapter_state_dict(model))
+    gpt2_method = LlamaAdapter(adapter_len=4, adapter_layers=1)
+    gpt2 = build("gpt2", gpt2_method)
+    with pytest.raises(LitPeftError, match="llama and mistral"):
+        gpt2_method.to_peft(gpt2, gpt2_method.adapter_state_dict(gpt2))
+    with pytest.raises(LitPeftError, match="no Hugging Face peft equivalent"):
+        v2().to_peft(model, {})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_v2_merge_gives_a_plain_hf_model_plus_v1_prompts(arch, tmp_path):
+    method = LlamaAdapterV2(adapter_len=4, adapter_layers=2)
+    model = build(arch, method)
+    train(model, batch(), steps=6)
+    data = batch("left")
+    unmerged = logits(model, data)
+    with adapters_disabled(model):
+        base = logits(model, data)
+    prompt_method, prompt_state = method.prompts(model)
+    merged = method.merge(model)
+    assert type(merged) is type(base_model(arch)) and not any(p.requires_grad for p in merged.parameters())
+    assert merged.config._attn_implementation == "sdpa"
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    plain = logits(reloaded, data)
+    # bias/scale/norms alone differ from the base, and from the full adapter (the prompts are not in it)
+    assert (plain - base).abs().max() > 1e-3
+    # merged base + the prompts as a v1 adapter = the unmerged v2 model
+    prompt_method.apply(reloaded)
+    prompt_method.load_adapter_state_dict(reloaded, prompt_state)
+    torch.testing.assert_close(logits(reloaded, data), unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_v2_merge_refuses_layers_the_architecture_cannot_give_a_bias():
+    method = LlamaAdapterV2(adapter_len=2, adapter_layers=1)
+    model = build("qwen2", method)
+    with pytest.raises(LitPeftError, match="o_proj|mlp"):
+        method.merge(model)
+    ok = LlamaAdapterV2(adapter_len=2, adapter_layers=1, target_modules=["q_proj", "k_proj", "v_proj"])
+    merged = ok.merge(build("qwen2", ok))
+    assert merged.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("make", "option"),
+    [
+        (lambda: LlamaAdapter(adapter_len=0), "adapter_len"),
+        (lambda: LlamaAdapterV2(adapter_layers=0), "adapter_layers"),
+    ],
+)
+def test_bad_config_names_the_option(make, option):
+    with pytest.raises(LitPeftError, match=option):
+        make()
+
+
+def test_more_adapter_layers_than_the_model_has():
+    model = base_model("llama")
+    with pytest.raises(LitPeftError, match="adapter_layers=5.*2 layers"):
+        LlamaAdapter(adapter_layers=5).apply(model)
+    assert model.config._attn_implementation == "sdpa"  # refused before the model was touched
+
+
+def test_architecture_without_attention_interface_is_refused():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_head=4, n_layer=2)
+    with pytest.raises(LitPeftError, match="llama_adapter.*attention interface"):
+        LlamaAdapter(adapter_layers=1).apply(AutoModelForCausalLM.from_config(config))
+
+
+@pytest.mark.integration
+def test_v1_peft_parity_on_smollm2(tmp_path, caplog):
+    """SmolLM2-135M (Llama, GQA 9/3 heads), top 10 layers, gates set to 0.5 (peft: tanh 0.5). Tolerance 1e-4."""
+    from litpeft.models import load_tokenizer
+
+    spec = "smollm2-135m-instruct"
+    tok = load_tokenizer(spec)
+    tok.padding_side = "left"
+    data = dict(tok(["What is the capital of France?", "Hi"], return_tensors="pt", padding=True))
+    method = LlamaAdapter(adapter_len=10, adapter_layers=10, gate_per_head=False)
+    torch.manual_seed(0)
+    model = method.apply(load_model(spec))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gate"):
+                p.fill_(0.5)
+    ours = logits(model, data)
+    _export(method, model, tmp_path)
+    with warnings.catch_warnings(record=True):
+        theirs = logits(peft.PeftModel.from_pretrained(load_model(spec), tmp_path).eval(), data)
+    keep = data["attention_mask"].bool()
+    torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
+    assert (logits(load_model(spec), data)[keep] - ours[keep]).abs().max() > 1e-2
