@@ -34,15 +34,27 @@ def base_fingerprint(model: PreTrainedModel) -> str:
 
 def save_adapter(directory: str | Path, module: Any, style: PromptStyle | None = None) -> Path:
     """Write a ``PeftLM``'s adapter (its method's tensors and config) to ``directory``."""
+    tensors = module.method.adapter_state_dict(module.model)
+    return write_adapter(directory, module.model_spec, module.model, module.method, tensors, style)
+
+
+def write_adapter(
+    directory: str | Path,
+    base_spec: str,
+    model: PreTrainedModel,
+    method: PeftMethod,
+    tensors: dict[str, torch.Tensor],
+    style: PromptStyle | None = None,
+) -> Path:
+    """Write ``tensors`` of ``method`` as an adapter of the base ``base_spec`` (``model`` is that base)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, method = module.model, module.method
-    tensors = {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(model).items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     tmp = directory / f".{WEIGHTS}.tmp{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS)
     meta = {
-        "base_model": module.model_spec,
+        "base_model": base_spec,
         "base_fingerprint": base_fingerprint(model),
         "method": method.config(),
         "prompt_style": style_name(style) if style is not None else None,

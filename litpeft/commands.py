@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from litpeft.data.collate import IGNORE_INDEX, encode, pad_batch
 from litpeft.data.prompts import Message, PromptStyle, get_style, style_name
-from litpeft.data.sources import read_records
+from litpeft.data.sources import AutoSource, BadRow
 from litpeft.errors import LitPeftError
 from litpeft.methods import PeftMethod
 
@@ -138,7 +138,9 @@ def row_messages(row: Any, where: str) -> list[Message]:
 def read_conversations(path: str, need_reference: bool = False) -> list[tuple[dict[str, Any], list[Message]]]:
     """Rows of a ``.jsonl``/``.json`` file and their conversations (each must have a user turn)."""
     out = []
-    for where, row in read_records(path):
+    for where, row in AutoSource().rows(path):
+        if isinstance(row, BadRow):
+            raise LitPeftError(str(row))
         messages = row_messages(row, where)
         if not any(m["role"] == "user" for m in messages):
             raise LitPeftError(f"{where}: the conversation has no user message")
@@ -539,10 +541,24 @@ def merge(
     export.check_mergeable(method_from_config(meta["method"]))
     export.check_output_dir(output, overwrite)
     loaded = load(adapter, model, "float32", "cpu", None, trust_remote_code, allow_other_base)
+    rest = loaded.method.unmerged_part(loaded.model)
     merged = export.merge(loaded.model, loaded.method)
     target = _dtype(dtype) or _base_dtype(loaded.base)
     export.save_merged(merged, loaded.tokenizer, output, target, overwrite)
     print(f"merged model ({target}) written to {output}")
+    if rest is not None:  # e.g. LLaMA-Adapter v2's gated prompts: an adapter of the merged model
+        from litpeft.adapter import write_adapter
+
+        method, tensors = rest
+        where = write_adapter(
+            Path(output) / "adapter",
+            str(Path(output).resolve()),
+            merged.to(target),
+            method,
+            tensors,
+            loaded.style,
+        )
+        print(f"the part of '{loaded.method.name}' that cannot be merged is an adapter of it: {where}")
 
 
 def export_adapter(

@@ -127,3 +127,21 @@ def test_merge_real_model(tmp_path) -> None:
     merged = _load_plain(tmp_path / "merged")
     torch.testing.assert_close(logits(merged, ids), logits(ours, ids), rtol=1e-4, atol=1e-4)
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == tokenizer.chat_template
+
+
+def test_llama_adapter_v2_merges_bias_scale_and_keeps_the_prompts_as_an_adapter(tmp_path) -> None:
+    """v2's bias/scale/norms fold into a plain model; its gated prompts become an adapter of that model."""
+    from litpeft.methods import LlamaAdapterV2
+
+    adapter = make_adapter(
+        tmp_path / "adapter", "tiny:llama", LlamaAdapterV2(adapter_len=3, adapter_layers=2)
+    )
+    merge(str(adapter), str(tmp_path / "merged"))
+    ids = token_ids()
+    unmerged, _, _, _ = load_adapter(adapter)
+    expected = logits(unmerged, ids)
+    plain = _load_plain(tmp_path / "merged")
+    assert not torch.allclose(logits(plain, ids), expected, atol=1e-3)  # the prompts matter
+    again, _, method, _ = load_adapter(tmp_path / "merged" / "adapter")
+    assert type(method).__name__ == "LlamaAdapter"
+    torch.testing.assert_close(logits(again, ids), expected, rtol=1e-4, atol=1e-4)

@@ -54,6 +54,13 @@ class PeftMethod:
         """Fold the method into the base weights; return a plain HF model without method layers."""
         raise LitPeftError(f"method '{self.name}' cannot be merged into the base weights")
 
+    def unmerged_part(self, model: PreTrainedModel) -> tuple[PeftMethod, dict[str, torch.Tensor]] | None:
+        """What :meth:`merge` leaves out, as ``(method, tensors)`` for an adapter of the merged model.
+
+        Call it before :meth:`merge`. ``None`` (the default): merge folds in everything.
+        """
+        return None
+
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -227,6 +227,9 @@ class LlamaAdapterV2(LlamaAdapter):
         }
         return LlamaAdapter(self.adapter_len, self.adapter_layers, self.gate_per_head), state
 
+    def unmerged_part(self, model: nn.Module) -> tuple[LlamaAdapter, dict[str, torch.Tensor]]:
+        return self.prompts(model)
+
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Fold bias/scale and tuned norms into the base; remove the prompts; return a plain HF model."""
         for name, module in list(model.named_modules()):
