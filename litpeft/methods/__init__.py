@@ -1,12 +1,17 @@
 """PEFT methods. Each lives in its own file; importing this package registers them by short name."""
 
+from litpeft.methods.adapter import HoulsbyAdapter
 from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabled, method_from_config
 from litpeft.methods.lora import LoRA, LoRALinear
+from litpeft.methods.prompt import PromptTuning, PTuning
 
 __all__ = [
     "METHODS",
     "LoRA",
     "LoRALinear",
+    "HoulsbyAdapter",
+    "PromptTuning",
+    "PTuning",
     "PeftLayer",
     "PeftMethod",
     "adapters_disabled",
