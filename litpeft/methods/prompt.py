@@ -498,7 +498,8 @@ class PTuning(PeftMethod):
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Only the encoder's output: after training the encoder is not needed (as peft saves it)."""
-        return {"prompt_encoder.prompt_embeddings": model.prompt_encoder.virtual_tokens().detach()}
+        with torch.no_grad():  # one fixed kernel path (the LSTM's differs in the last bits under autograd)
+            return {"prompt_encoder.prompt_embeddings": model.prompt_encoder.virtual_tokens().detach()}
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         key = "prompt_encoder.prompt_embeddings"
@@ -525,7 +526,7 @@ class PTuning(PeftMethod):
         if "prompt_encoder.prompt_embeddings" in state:
             embeddings = state["prompt_encoder.prompt_embeddings"]
         else:
-            embeddings = model.prompt_encoder.virtual_tokens().detach()
+            embeddings = self.adapter_state_dict(model)["prompt_encoder.prompt_embeddings"]
         config = {"peft_type": "P_TUNING", **_peft_common(model, self.num_virtual_tokens)}
         config |= {
             "encoder_reparameterization_type": self.encoder.upper(),
