@@ -13,8 +13,9 @@ for both projections and zero biases, or ``zero_up`` (``W_up = 0``: exactly the 
 The sub-layers are found without per-model code: the decoder layer list is the ``nn.ModuleList`` of the
 backbone with ``num_hidden_layers`` entries, and in each layer the attention / MLP child is found by the
 attribute names transformers uses (``self_attn``, ``attn``, ...; ``mlp``, ...) or by class name
-(``*Attention``, ``*MLP``). Forward hooks add the adapters, so the base module tree and its names are
-unchanged. The activation makes adapters nonlinear: they cannot be merged into the base weights, and
+(``*Attention``, ``*MLP``). Forward hooks add the adapters, so the attention and MLP modules keep their names;
+trained layer norms are wrapped (``<norm>.base_layer``) so that disabling the method restores their base
+values. The activation makes adapters nonlinear: they cannot be merged into the base weights, and
 Hugging Face peft has no bottleneck adapters (peft issue #244), so there is no peft export.
 """
 
@@ -66,6 +67,25 @@ class BottleneckAdapter(nn.Module, PeftLayer):
         if isinstance(output, tuple):
             return (self(output[0]), *output[1:])
         return self(output)
+
+
+class TrainedNorm(nn.Module, PeftLayer):
+    """A layer norm trained along with the adapters (paper section 2.1); disabled, it computes with the
+    base model's parameters, kept as a copy, so that ``adapters_disabled`` still gives the base model."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._names = [n for n, _ in base_layer.named_parameters()]
+        for n, p in base_layer.named_parameters():
+            self.register_buffer("base_" + n.replace(".", "_"), p.detach().clone(), persistent=False)
+        base_layer.requires_grad_(True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disabled:
+            params = {n: getattr(self, "base_" + n.replace(".", "_")) for n in self._names}
+            return torch.func.functional_call(self.base_layer, params, args, kwargs)
+        return self.base_layer(*args, **kwargs)
 
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -176,9 +196,9 @@ class HoulsbyAdapter(PeftMethod):
                 layer.add_module(adapter_name, adapter)
                 block.register_forward_hook(adapter.hook)
             if self.train_layer_norms:
-                for child in layer.children():
+                for name, child in list(layer.named_children()):
                     if "Norm" in type(child).__name__:
-                        child.requires_grad_(True)
+                        setattr(layer, name, TrainedNorm(child))
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         raise LitPeftError(
