@@ -209,3 +209,19 @@ def test_bad_configs_and_unsupported_architectures(tok):
         HoulsbyAdapter().merge(model)
     with pytest.raises(LitPeftError, match="peft issue #244"):
         HoulsbyAdapter().to_peft(model, {})
+
+
+def test_adapter_directory_round_trip(tmp_path, tok):
+    from litpeft.adapter import load_adapter, save_adapter
+
+    module = PeftLM(model="tiny:qwen2", method=HoulsbyAdapter(bottleneck_size=8, placement="pfeiffer"))
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.trainable_parameters():
+            p.add_(0.1)  # as if trained
+    save_adapter(tmp_path, module)
+    model, _, loaded, _ = load_adapter(tmp_path)
+    assert isinstance(loaded, HoulsbyAdapter) and loaded.placement == "pfeiffer"
+    enc = batch_of(tok)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, module.model.eval()(**enc).logits)

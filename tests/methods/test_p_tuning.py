@@ -278,3 +278,16 @@ def test_bad_configs(tok):
         split_method().to_peft(model, {})
     with pytest.raises(LitPeftError, match="cannot be merged"):
         PTuning().merge(model)
+
+
+def test_adapter_directory_round_trip(tmp_path, tok):
+    from litpeft.adapter import load_adapter, save_adapter
+
+    module = PeftLM(model="tiny:gpt2", method=PTuning(num_virtual_tokens=N, encoder="mlp"))
+    module.configure_model()
+    save_adapter(tmp_path, module)
+    model, _, loaded, _ = load_adapter(tmp_path)
+    assert isinstance(loaded, PTuning)
+    enc = batch_of(tok, CHATS)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**enc).logits, module.model.eval()(**enc).logits, atol=1e-6, rtol=0)

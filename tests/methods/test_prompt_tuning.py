@@ -241,3 +241,19 @@ def test_bad_configs(tok):
         PromptTuning().apply(t5)
     with pytest.raises(LitPeftError, match="cannot be merged"):
         PromptTuning().merge(model)
+
+
+def test_adapter_directory_round_trip(tmp_path, tok):
+    from litpeft.adapter import load_adapter, save_adapter
+
+    method = PromptTuning(num_virtual_tokens=N, init="text", init_text="Answer:", tokenizer="tiny:llama")
+    module = PeftLM(model="tiny:llama", method=method)
+    module.configure_model()
+    with torch.no_grad():
+        module.model.prompt_encoder.embedding.weight.add_(1.0)  # as if trained
+    save_adapter(tmp_path, module)
+    model, _, loaded, _ = load_adapter(tmp_path)
+    assert isinstance(loaded, PromptTuning) and loaded.config() == method.config()
+    enc = batch_of(tok)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, module.model.eval()(**enc).logits)
