@@ -123,7 +123,7 @@ class VirtualTokens(nn.Module, PeftLayer):
 
         def strip(h: torch.Tensor) -> torch.Tensor:
             if points is None:
-                return h[:, self.num_virtual_tokens :]
+                return h[:, self.num_virtual_tokens :].contiguous()
             idx = self._real_index(len(h), length, points, h.device)
             return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
 

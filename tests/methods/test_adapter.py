@@ -225,3 +225,18 @@ def test_adapter_directory_round_trip(tmp_path, tok):
     enc = batch_of(tok)
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, module.model.eval()(**enc).logits)
+
+
+@pytest.mark.integration
+def test_smollm2_zero_up_is_the_base_and_generation_agrees():
+    from litpeft.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    base = load_model("smollm2-135m-instruct", tokenizer=tok)
+    model = load_model("smollm2-135m-instruct", tokenizer=tok)
+    HoulsbyAdapter(bottleneck_size=32, init="zero_up").apply(model)
+    enc = batch_of(tok, ["The capital of France is", "1, 2, 3,"], side="left")
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, base(**enc).logits)
+    assert torch.equal(model.generate(**enc, **common), model.generate(**enc, use_cache=False, **common))

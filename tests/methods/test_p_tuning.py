@@ -291,3 +291,22 @@ def test_adapter_directory_round_trip(tmp_path, tok):
     enc = batch_of(tok, CHATS)
     with torch.no_grad():
         torch.testing.assert_close(model(**enc).logits, module.model.eval()(**enc).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.integration
+def test_smollm2_split_placement_with_the_chat_template():
+    from litpeft.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct", tokenizer=tok)
+    method = PTuning(
+        num_virtual_tokens=6, encoder="mlp", placement="split", num_before=3, split_marker=MARKER
+    )
+    method.apply(model)  # split_marker tokenized with the model's own tokenizer
+    messages = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Say hi.")]
+    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    enc = batch_of(tok, prompts, side="left")
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        cached = model.generate(**enc, **common)
+    assert torch.equal(cached, model.generate(**enc, use_cache=False, **common))

@@ -257,3 +257,28 @@ def test_adapter_directory_round_trip(tmp_path, tok):
     enc = batch_of(tok)
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, module.model.eval()(**enc).logits)
+
+
+@pytest.mark.integration
+def test_smollm2_text_init_generation_and_peft_parity(tmp_path):
+    from litpeft.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct", tokenizer=tok)
+    # the tokenizer comes from the model's own directory (no `tokenizer` option needed)
+    method = PromptTuning(num_virtual_tokens=8, init="text", init_text="Answer the question.")
+    method.apply(model)
+    ids = tok("Answer the question.", add_special_tokens=False)["input_ids"]
+    expected = model.get_input_embeddings().weight[(ids * 8)[:8]]
+    assert torch.equal(model.prompt_encoder.embedding.weight, expected)
+    enc = batch_of(tok, ["The capital of France is", "1, 2, 3,"], side="left")
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(model.generate(**enc, **common), model.generate(**enc, use_cache=False, **common))
+    export_peft(method, model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.PeftModel.from_pretrained(
+            load_model("smollm2-135m-instruct", tokenizer=tok), str(tmp_path)
+        )
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, ref(**enc).logits[:, 8:])
