@@ -40,10 +40,17 @@ class BottleneckAdapter(nn.Module, PeftLayer):
     """``h + up(f(down(h)))`` (Houlsby et al. 2019, Fig. 2)."""
 
     def __init__(
-        self, hidden: int, bottleneck: int, activation: str, init: str, init_std: float, weight: torch.Tensor
+        self,
+        hidden: int,
+        bottleneck: int,
+        activation: str,
+        init: str,
+        init_std: float,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        f = {"device": weight.device, "dtype": weight.dtype}
+        f = {"device": device, "dtype": dtype}
         self.down = nn.Linear(hidden, bottleneck, **f)
         self.up = nn.Linear(bottleneck, hidden, **f)
         self.act = ACT2FN[activation]
@@ -177,6 +184,7 @@ class HoulsbyAdapter(PeftMethod):
         if getattr(model.config, "is_encoder_decoder", False):
             raise LitPeftError(f"HoulsbyAdapter supports decoder-only causal LMs, not {type(model).__name__}")
         hidden = model.get_input_embeddings().weight.shape[1]
+        dtype = model.get_input_embeddings().weight.dtype  # a quantized block's weights are integers
         m = self.bottleneck_size or hidden // int(self.reduction_factor or 1)
         if m <= 0:
             raise LitPeftError(
@@ -191,8 +199,10 @@ class HoulsbyAdapter(PeftMethod):
                 blocks.insert(0, ("adapter_attn", attn))
             for adapter_name, block_name in blocks:
                 block = layer.get_submodule(block_name)
-                weight = next(p for p in block.parameters() if p.is_floating_point())
-                adapter = BottleneckAdapter(hidden, m, self.activation, self.init, self.init_std, weight)
+                device = next(block.parameters()).device
+                adapter = BottleneckAdapter(
+                    hidden, m, self.activation, self.init, self.init_std, device, dtype
+                )
                 layer.add_module(adapter_name, adapter)
                 block.register_forward_hook(adapter.hook)
             if self.train_layer_norms:

@@ -498,8 +498,14 @@ class PTuning(PeftMethod):
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Only the encoder's output: after training the encoder is not needed (as peft saves it)."""
-        with torch.no_grad():  # one fixed kernel path (the LSTM's differs in the last bits under autograd)
-            return {"prompt_encoder.prompt_embeddings": model.prompt_encoder.virtual_tokens().detach()}
+        encoder, training = model.prompt_encoder, model.prompt_encoder.training
+        encoder.eval()  # no LSTM dropout in what is kept
+        try:
+            # no_grad: one fixed kernel path (the LSTM's differs in the last bits under autograd)
+            with torch.no_grad():
+                return {"prompt_encoder.prompt_embeddings": encoder.virtual_tokens().detach()}
+        finally:
+            encoder.train(training)
 
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         key = "prompt_encoder.prompt_embeddings"
