@@ -1,0 +1,242 @@
+"""Houlsby / Pfeiffer bottleneck adapters (Houlsby et al. 2019) on tiny Llama, Qwen2 and GPT-2 models.
+
+peft has no bottleneck adapters (peft issue #244): the references here are the base model itself (identity
+at step 0) and the paper's parameter count.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from litpeft.data.collate import pad_batch
+from litpeft.errors import LitPeftError
+from litpeft.methods import HoulsbyAdapter, adapters_disabled
+from litpeft.models import load_model, tiny_tokenizer
+from litpeft.module import PeftLM
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+TEXTS = ["The capital of France is Paris.", "2 + 2 = 4", "Hello, world! How are you today?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def wrapped(arch: str, tok, method: HoulsbyAdapter | None = None, perturb: bool = True):
+    """A tiny model with adapters, deterministic; ``perturb`` moves the adapters off identity."""
+    model = load_model(f"tiny:{arch}", tokenizer=tok)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        (method or HoulsbyAdapter(bottleneck_size=8)).apply(model)
+        if perturb:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def batch_of(tok, texts=TEXTS, side="right"):
+    tok.padding_side = side
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def lm_batch(tok, texts=TEXTS):
+    samples = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        samples.append({"input_ids": ids, "labels": ids})
+    return pad_batch(samples, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_up_projection_starts_exactly_at_the_base(arch, tok):
+    model = wrapped(arch, tok, HoulsbyAdapter(bottleneck_size=8, init="zero_up"), perturb=False)
+    base = load_model(f"tiny:{arch}", tokenizer=tok)
+    enc = batch_of(tok)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, base(**enc).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_small_std_init_starts_near_the_base(arch, tok):
+    """Paper init (truncated normal, std 1e-3, both projections): the adapter adds
+    ``W_up f(W_down h)`` with entries of order ``1e-3 * sqrt(m) * 1e-3 * sqrt(d) * |h|``, about 1e-5 here;
+    we allow 1e-4 on the logits (they are O(1))."""
+    model = wrapped(arch, tok, HoulsbyAdapter(bottleneck_size=8, init="normal", init_std=1e-3), perturb=False)
+    base = load_model(f"tiny:{arch}", tokenizer=tok)
+    enc = batch_of(tok)
+    with torch.no_grad():
+        ours, ref = model(**enc).logits, base(**enc).logits
+    assert not torch.equal(ours, ref)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_disabled_adapters_give_the_base(arch, tok):
+    model = wrapped(arch, tok)
+    base = load_model(f"tiny:{arch}", tokenizer=tok)
+    enc = batch_of(tok)
+    with torch.no_grad():
+        assert not torch.allclose(model(**enc).logits, base(**enc).logits)
+        with adapters_disabled(model):
+            assert torch.equal(model(**enc).logits, base(**enc).logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+@pytest.mark.parametrize("train_layer_norms", [True, False])
+def test_trainable_parameters_match_the_paper(arch, placement, train_layer_norms, tok):
+    m = 8
+    method = HoulsbyAdapter(bottleneck_size=m, placement=placement, train_layer_norms=train_layer_norms)
+    model = wrapped(arch, tok, method, perturb=False)
+    ours = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d, layers = model.config.hidden_size, model.config.num_hidden_layers
+    # one adapter: W_down (m x d) + b_down (m) + W_up (d x m) + b_up (d) = 2dm + d + m  (paper section 3.6)
+    adapters = (2 if placement == "houlsby" else 1) * (2 * d * m + d + m)
+    # two layer norms per layer: RMSNorm has a weight (d); GPT-2's LayerNorm a weight and a bias (2d)
+    norms = 2 * (2 * d if arch == "gpt2" else d) if train_layer_norms else 0
+    assert ours == layers * (adapters + norms)
+
+
+def test_reduction_factor(tok):
+    model = wrapped("llama", tok, HoulsbyAdapter(bottleneck_size=None, reduction_factor=16), perturb=False)
+    assert model.model.layers[0].adapter_mlp.down.out_features == 64 // 16
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_reduces_loss_and_changes_only_adapters_and_norms(arch):
+    module = PeftLM(model=f"tiny:{arch}", method=HoulsbyAdapter(bottleneck_size=8))
+    module.configure_model()
+    model = module.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".adapter_" in n or "ln_" in n or "norm" in n for n in trainable)
+    batch = lm_batch(module.tokenizer)
+    opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss, _, _ = module.loss_and_accuracy(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == trainable
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_rows_equal_the_rows_alone(arch, side, tok):
+    model = wrapped(arch, tok)
+    enc = batch_of(tok, side=side)
+    mask = enc["attention_mask"]
+    kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0) * mask} if side == "left" else {}
+    with torch.no_grad():
+        logits = model(**enc, **kwargs).logits
+        for i, text in enumerate(TEXTS):
+            alone = model(**batch_of(tok, [text])).logits[0]
+            torch.testing.assert_close(logits[i][mask[i].bool()], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_with_and_without_cache_agree(arch, tok):
+    model = wrapped(arch, tok).eval()
+    enc = batch_of(tok, side="left")
+    common = dict(max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    cached = model.generate(**enc, use_cache=True, **common)
+    assert torch.equal(cached, model.generate(**enc, use_cache=False, **common))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_checkpointing_gives_the_same_gradients(arch, tok):
+    batch = lm_batch(tok)
+    grads = []
+    for checkpointing in (False, True):
+        model = wrapped(arch, tok).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(0)  # GPT-2 has dropout; checkpointing replays the same masks
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, labels=batch["labels"])
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert all(g.abs().sum() > 0 for g in grads[0].values())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["bf16-true", "bf16-mixed"])
+def test_bf16(arch, mode, tok):
+    model = wrapped(arch, tok)
+    batch = lm_batch(tok)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    if mode == "bf16-true":
+        model.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
+        out = model(**inputs, labels=batch["labels"])
+    # bf16 keeps 8 mantissa bits (relative error ~4e-3 per op); the tiny model's logits are O(1)
+    torch.testing.assert_close(out.logits.float(), ref, atol=0.15, rtol=0.05)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_bad_configs_and_unsupported_architectures(tok):
+    with pytest.raises(LitPeftError, match="bottleneck_size and reduction_factor"):
+        HoulsbyAdapter(bottleneck_size=8, reduction_factor=4)
+    with pytest.raises(LitPeftError, match="bottleneck_size must be positive"):
+        HoulsbyAdapter(bottleneck_size=0)
+    with pytest.raises(LitPeftError, match="activation"):
+        HoulsbyAdapter(activation="softmax")
+    with pytest.raises(LitPeftError, match="mlp_module='ffn_x' is not a child"):
+        HoulsbyAdapter(mlp_module="ffn_x").apply(load_model("tiny:llama", tokenizer=tok))
+    # BERT's layer has attention / intermediate / output, no MLP block to adapt as a unit
+    bert = BertForMaskedLM(
+        BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=32
+        )
+    )
+    with pytest.raises(LitPeftError, match="MLP block .* set mlp_module"):
+        HoulsbyAdapter().apply(bert)
+    model = wrapped("llama", tok)
+    with pytest.raises(LitPeftError, match="cannot be merged"):
+        HoulsbyAdapter().merge(model)
+    with pytest.raises(LitPeftError, match="peft issue #244"):
+        HoulsbyAdapter().to_peft(model, {})
+
+
+def test_adapter_directory_round_trip(tmp_path, tok):
+    from litpeft.adapter import load_adapter, save_adapter
+
+    module = PeftLM(model="tiny:qwen2", method=HoulsbyAdapter(bottleneck_size=8, placement="pfeiffer"))
+    module.configure_model()
+    with torch.no_grad():
+        for p in module.trainable_parameters():
+            p.add_(0.1)  # as if trained
+    save_adapter(tmp_path, module)
+    model, _, loaded, _ = load_adapter(tmp_path)
+    assert isinstance(loaded, HoulsbyAdapter) and loaded.placement == "pfeiffer"
+    enc = batch_of(tok)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, module.model.eval()(**enc).logits)
+
+
+@pytest.mark.integration
+def test_smollm2_zero_up_is_the_base_and_generation_agrees():
+    from litpeft.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    base = load_model("smollm2-135m-instruct", tokenizer=tok)
+    model = load_model("smollm2-135m-instruct", tokenizer=tok)
+    HoulsbyAdapter(bottleneck_size=32, init="zero_up").apply(model)
+    enc = batch_of(tok, ["The capital of France is", "1, 2, 3,"], side="left")
+    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, base(**enc).logits)
+    assert torch.equal(model.generate(**enc, **common), model.generate(**enc, use_cache=False, **common))
