@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from litpeft.adapter import load_adapter
 from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
-from litpeft.methods import LoRA, PeftMethod
+from litpeft.methods import LlamaAdapter, LoRA, PeftMethod, PrefixTuning, PromptTuning, PTuning, PTuningV2
 from litpeft.models import load_model
 
 CASES: list = [
@@ -33,6 +33,16 @@ CASES: list = [
         "tiny:qwen2",
         lambda: LoRA(r=2, target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj"),
         id="lora-regex",
+    ),
+    pytest.param("tiny:llama", lambda: PromptTuning(num_virtual_tokens=4), id="prompt-tuning"),
+    pytest.param("tiny:qwen2", lambda: PTuning(num_virtual_tokens=4, encoder="mlp"), id="p-tuning-mlp"),
+    pytest.param("tiny:llama", lambda: PTuning(num_virtual_tokens=3, encoder="lstm"), id="p-tuning-lstm"),
+    pytest.param("tiny:qwen2", lambda: PrefixTuning(num_virtual_tokens=4), id="prefix-tuning"),
+    pytest.param("tiny:gpt2", lambda: PTuningV2(num_virtual_tokens=4), id="p-tuning-v2-gpt2"),
+    pytest.param(
+        "tiny:llama",
+        lambda: LlamaAdapter(adapter_len=3, adapter_layers=2, gate_per_head=False),
+        id="llama-adapter",
     ),
 ]
 
@@ -60,7 +70,10 @@ def test_peft_round_trip(tmp_path, spec: str, make_method: Callable[[], PeftMeth
     # peft warns about adapter tensors missing from the file (checked above) but not about tensors in
     # the file that land nowhere: check those too.
     saved = load_file(str(tmp_path / "peft/adapter_model.safetensors"))
-    assert saved and set_peft_model_state_dict(peft_model, saved).unexpected_keys == []
+    unused = set_peft_model_state_dict(peft_model, saved).unexpected_keys
+    # peft copies prompt-learning embeddings into its prompt encoder itself, then still lists the key as
+    # unexpected in the module load it reports; the logits check below shows they are used.
+    assert saved and [k for k in unused if k != "prompt_embeddings"] == []
 
     expected = logits(ours, ids)
     assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapter does change the model
