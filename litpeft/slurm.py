@@ -56,6 +56,7 @@ from litpeft.errors import LitPeftError
 __all__ = [
     "PreemptionCheckpoint",
     "SlurmLayoutError",
+    "SlurmResumeError",
     "atomic_save_checkpoint",
     "auto_resume_checkpoint",
     "check_slurm_layout",
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FILENAME = "last.ckpt"
 DEFAULT_REQUEUE_COMMAND: tuple[str, ...] = ("scontrol", "requeue", "{job_id}")
 _TMP_SUFFIX = ".tmp"
+_JOB_SUFFIX = ".slurm_job"  # next to the checkpoint: the SLURM job that wrote it
 _INTERACTIVE_JOB_NAMES = ("bash", "interactive")
 
 
@@ -253,11 +255,45 @@ def find_resume_checkpoint(
     return None
 
 
+class SlurmResumeError(LitPeftError, RuntimeError):
+    """The resume checkpoint in the run directory belongs to another SLURM job."""
+
+
+def _check_same_job(path: str) -> None:
+    """Raise :class:`SlurmResumeError` if ``path`` was written by another SLURM job than this one.
+
+    A requeued job keeps its job id, so it resumes its own checkpoint. A *new* job that finds another
+    job's checkpoint (the same config submitted twice, another learning rate on the command line) would
+    otherwise silently continue -- or, for a finished run, end at once and hand back the old adapter.
+    A checkpoint without the marker file (put there by hand) is resumed.
+    """
+    try:
+        with open(path + _JOB_SUFFIX, encoding="utf-8") as f:
+            owner = f.read().strip()
+    except FileNotFoundError:
+        return
+    current = slurm_job_id() or ""
+    if owner != current:
+        raise SlurmResumeError(
+            f"{path} was written by SLURM job {owner or '(none: not a SLURM job)'}, not by this job "
+            f"({current or 'not a SLURM job'}); only a requeued job resumes by itself. To continue that run, "
+            f"pass --ckpt_path {path}; to start a new run, set another trainer.default_root_dir."
+        )
+
+
+def _write_job_marker(path: str) -> None:
+    tmp = path + _JOB_SUFFIX + _TMP_SUFFIX
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write((slurm_job_id() or "") + "\n")
+    os.replace(tmp, path + _JOB_SUFFIX)
+
+
 def auto_resume_checkpoint(trainer: pl.Trainer) -> str | None:
     """``ckpt_path`` for a ``fit`` that was given none: the :class:`PreemptionCheckpoint` file if present.
 
     Returns ``None`` when the Trainer has no :class:`PreemptionCheckpoint` callback (auto-resume is opt-in),
-    when its checkpoint does not exist yet, or for a ``fast_dev_run``.
+    when its checkpoint does not exist yet, or for a ``fast_dev_run``. Raises :class:`SlurmResumeError`
+    when the checkpoint was written by another SLURM job (a requeued job keeps its id).
     """
     if trainer.fast_dev_run:
         return None
@@ -265,6 +301,7 @@ def auto_resume_checkpoint(trainer: pl.Trainer) -> str | None:
         if isinstance(cb, PreemptionCheckpoint):
             path = find_resume_checkpoint(cb.resolve_dirpath(trainer), cb.filename)
             if path is not None:
+                _check_same_job(path)
                 rank_zero_info(f"[litpeft.slurm] resuming from {path}")
             return path
     return None
@@ -309,7 +346,7 @@ def atomic_save_checkpoint(trainer: pl.Trainer, filepath: str | os.PathLike[str]
         _remove(tmp)  # stale temp file of an interrupted save
     strategy.barrier("litpeft_atomic_save_pre")
     try:
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             if os.path.isdir(tmp):
                 # Sharded checkpoint (a directory): os.replace cannot replace a non-empty directory, so move
@@ -349,8 +386,10 @@ class PreemptionCheckpoint(Callback):
     * Then ``<dirpath>/<filename>`` is written atomically (see :func:`atomic_save_checkpoint`), global
       rank 0 runs ``scontrol requeue <job>`` (only under SLURM by default) and ``trainer.should_stop`` is
       set, so the run leaves the loop and exits; validation is skipped on that stop by default.
-    * With ``save_on_train_end`` the same file is also written when training ends normally, so a rerun or
-      an extra requeue of a finished job resumes at ``max_steps`` and stops at once instead of redoing work.
+    * With ``save_on_train_end`` the same file is also written when training ends normally, so an extra
+      requeue of a finished job resumes at ``max_steps`` and stops at once instead of redoing work.
+    * Next to the checkpoint, ``<filename>.slurm_job`` names the job that wrote it: a requeued job (same
+      id) resumes by itself; a new job finding another job's checkpoint stops with a clear error.
 
     Lightning's own SLURM auto-requeue is switched off at ``setup`` (it would save inside the handler).
     Resume with ``trainer.fit(model, ckpt_path=auto_resume_checkpoint(trainer))``. The signal is only
@@ -483,7 +522,7 @@ class PreemptionCheckpoint(Callback):
             )
             return
         self.preempted = True
-        path = atomic_save_checkpoint(trainer, self.checkpoint_path(trainer))
+        path = self._save(trainer)
         rank_zero_info(f"[litpeft.slurm] preemption signal: saved {path} at global_step={step}.")
         if trainer.is_global_zero:
             self.requeued = self._requeue()
@@ -493,9 +532,16 @@ class PreemptionCheckpoint(Callback):
             trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the final state to the same file so a rerun of a finished job is a no-op."""
+        """Write the final state to the same file so a requeue of a finished job is a no-op."""
         if self.save_on_train_end and not self.preempted and not trainer.fast_dev_run:
-            atomic_save_checkpoint(trainer, self.checkpoint_path(trainer))
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> str:
+        """Atomic checkpoint + a marker naming this SLURM job (see :func:`auto_resume_checkpoint`)."""
+        path = atomic_save_checkpoint(trainer, self.checkpoint_path(trainer))
+        if trainer.is_global_zero:
+            _write_job_marker(path)
+        return path
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from litpeft.slurm import (
     PreemptionCheckpoint,
     SlurmLayoutError,
+    SlurmResumeError,
     atomic_save_checkpoint,
     auto_resume_checkpoint,
     check_slurm_layout,
@@ -385,3 +386,24 @@ def test_slurm_plugins_and_job_id() -> None:
     assert slurm_job_id({"SLURM_JOB_ID": "5"}) == "5"
     assert slurm_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8", "SLURM_ARRAY_TASK_ID": "3"}) == "8_3"
     assert slurm_job_id({}) is None
+
+
+def test_auto_resume_only_resumes_this_jobs_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requeued job keeps its SLURM job id and resumes; a new job must not silently take over the old run."""
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    trainer1, _, cb1 = run(tmp_path, signal_at_step=3, requeue=False)
+    path = cb1.checkpoint_path(trainer1)
+    assert cb1.preempted and Path(path + ".slurm_job").read_text().strip() == "100"
+
+    trainer = make_trainer(tmp_path, PreemptionCheckpoint())
+    assert auto_resume_checkpoint(trainer) == path  # same job (requeued): resume
+
+    monkeypatch.setenv("SLURM_JOB_ID", "200")  # another job with the same default_root_dir
+    with pytest.raises(SlurmResumeError, match=r"written by SLURM job 100, not by this job \(200\)"):
+        auto_resume_checkpoint(trainer)
+    assert find_resume_checkpoint(tmp_path / "resume") == path  # the file itself is still there
+
+    os.remove(path + ".slurm_job")  # a checkpoint put there by hand (no marker) is resumed
+    assert auto_resume_checkpoint(trainer) == path

@@ -27,7 +27,9 @@ from litpeft.slurm import PreemptionCheckpoint
 
 
 class StepProbe(Callback):
-    def __init__(self, block_at_step: int | None = None, ready_file: str | None = None, timeout: float = 120.0):
+    def __init__(
+        self, block_at_step: int | None = None, ready_file: str | None = None, timeout: float = 120.0
+    ):
         self.block_at_step, self.ready_file, self.timeout = block_at_step, ready_file, timeout
         self.rank = int(os.environ.get("SLURM_PROCID", "0"))
         self.restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
@@ -39,7 +41,9 @@ class StepProbe(Callback):
         done = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         self._say(f"TRAIN_START global_step={trainer.global_step} batches_done={done}")
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         digest = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:12]
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         print(
