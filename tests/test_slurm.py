@@ -251,8 +251,10 @@ def test_first_run_starts_fresh_and_requeued_run_resumes_to_max_steps(
     )
     if saved_step % BATCHES_PER_EPOCH == 0:
         # Preempted at an epoch boundary: bit-identical to the uninterrupted run (weights + optimizer
-        # state restored). Mid-epoch, a plain DataLoader restarts its epoch's data order on resume
-        # (Lightning warns: not resumable), so only the step/epoch counters are compared there.
+        # state restored). Mid-epoch, this test's plain DataLoader restarts its epoch's data order on
+        # resume (Lightning warns: not resumable), so only the step/epoch counters are compared there.
+        # litpeft's InstructionDataModule does continue mid-epoch (ResumableSampler); that is checked
+        # end to end, batch by batch, by scripts/slurm/test_requeue.sh.
         for a, b in zip(model2.state_dict().values(), ref_model.state_dict().values(), strict=True):
             assert torch.equal(a, b)
 
