@@ -277,7 +277,8 @@ def _check_same_job(path: str) -> None:
         raise SlurmResumeError(
             f"{path} was written by SLURM job {owner or '(none: not a SLURM job)'}, not by this job "
             f"({current or 'not a SLURM job'}); only a requeued job resumes by itself. To continue that run, "
-            f"pass --ckpt_path {path}; to start a new run, set another trainer.default_root_dir."
+            f"pass --ckpt_path {path} (or, for chained jobs, set resume_other_jobs: true on "
+            "litpeft.slurm.PreemptionCheckpoint); to start a new run, set another trainer.default_root_dir."
         )
 
 
@@ -301,7 +302,8 @@ def auto_resume_checkpoint(trainer: pl.Trainer) -> str | None:
         if isinstance(cb, PreemptionCheckpoint):
             path = find_resume_checkpoint(cb.resolve_dirpath(trainer), cb.filename)
             if path is not None:
-                _check_same_job(path)
+                if not cb.resume_other_jobs:
+                    _check_same_job(path)
                 rank_zero_info(f"[litpeft.slurm] resuming from {path}")
             return path
     return None
@@ -407,6 +409,10 @@ class PreemptionCheckpoint(Callback):
         check_every_n_steps: Reduce the flag across ranks every n optimizer steps (one tiny all-reduce each).
         save_on_train_end: Also write the checkpoint when training finishes normally.
         skip_validation_on_stop: Skip the validation that Lightning runs when ``should_stop`` is set.
+        resume_other_jobs: Also resume a checkpoint written by another SLURM job (jobs chained with
+            ``sbatch --dependency`` on clusters that do not allow requeueing). By default only a requeued
+            job (same job id) resumes by itself, so a new run in an old directory fails instead of silently
+            continuing the old run.
     """
 
     def __init__(
@@ -419,6 +425,7 @@ class PreemptionCheckpoint(Callback):
         check_every_n_steps: int = 1,
         save_on_train_end: bool = True,
         skip_validation_on_stop: bool = True,
+        resume_other_jobs: bool = False,
     ) -> None:
         super().__init__()
         if check_every_n_steps < 1:
@@ -433,6 +440,7 @@ class PreemptionCheckpoint(Callback):
         self.check_every_n_steps = check_every_n_steps
         self.save_on_train_end = save_on_train_end
         self.skip_validation_on_stop = skip_validation_on_stop
+        self.resume_other_jobs = resume_other_jobs
         self.signal_received = False
         self.preempted = False
         self.requeued = False

@@ -407,5 +407,10 @@ def test_auto_resume_only_resumes_this_jobs_checkpoint(
         auto_resume_checkpoint(trainer)
     assert find_resume_checkpoint(tmp_path / "resume") == path  # the file itself is still there
 
+    chained = make_trainer(
+        tmp_path, PreemptionCheckpoint(resume_other_jobs=True)
+    )  # sbatch --dependency chains
+    assert auto_resume_checkpoint(chained) == path
+
     os.remove(path + ".slurm_job")  # a checkpoint put there by hand (no marker) is resumed
     assert auto_resume_checkpoint(trainer) == path
