@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import time
 from typing import Any
 
@@ -35,7 +36,11 @@ class StepProbe(Callback):
         self.restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
     def _say(self, text: str) -> None:
-        print(f"{text} rank={self.rank} restart={self.restart}", flush=True)
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds of this process so far
+        print(
+            f"{text} rank={self.rank} restart={self.restart} cpu_s={usage.ru_utime + usage.ru_stime:.1f}",
+            flush=True,
+        )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         done = trainer.fit_loop.epoch_loop.batch_progress.total.ready

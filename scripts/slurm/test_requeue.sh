@@ -131,13 +131,13 @@ saved=$(grep -oE 'preemption signal: saved .* at global_step=[0-9]+' "$A_LOG" | 
 [ "$saved" = "$SIGNAL_AT_STEP" ] || fail "saved at global_step=$saved, expected $SIGNAL_AT_STEP"
 has "$A_LOG" "requeued SLURM job $A" || fail "rank 0 did not requeue job $A"
 has "$A_LOG" "resuming from $W/a/resume/last.ckpt" || fail "the requeued run did not auto-resume"
-[ "$(grep -c "^TRAIN_START global_step=0 batches_done=0 rank=[01] restart=0" "$A_LOG")" = 2 ] \
+[ "$(grep -c "^TRAIN_START global_step=0 batches_done=0 rank=[01] restart=0 " "$A_LOG")" = 2 ] \
   || fail "first run: both ranks must start at step 0"
-[ "$(grep -c "^TRAIN_START global_step=$saved batches_done=$saved rank=[01] restart=1" "$A_LOG")" = 2 ] \
+[ "$(grep -c "^TRAIN_START global_step=$saved batches_done=$saved rank=[01] restart=1 " "$A_LOG")" = 2 ] \
   || fail "requeued run: both ranks must start at global_step=$saved with $saved batches consumed"
-[ "$(grep -c "^TRAIN_END global_step=$MAX_STEPS rank=[01] restart=1" "$A_LOG")" = 2 ] \
+[ "$(grep -c "^TRAIN_END global_step=$MAX_STEPS rank=[01] restart=1 " "$A_LOG")" = 2 ] \
   || fail "requeued run: both ranks must end at global_step=$MAX_STEPS"
-[ "$(grep -c "^TRAIN_END global_step=$MAX_STEPS rank=[01] restart=0" "$B_LOG")" = 2 ] \
+[ "$(grep -c "^TRAIN_END global_step=$MAX_STEPS rank=[01] restart=0 " "$B_LOG")" = 2 ] \
   || fail "reference: both ranks must end at global_step=$MAX_STEPS"
 
 # Every step 0..MAX_STEPS-1 ran exactly once per rank in A (first run < saved, requeued run >= saved),
@@ -165,7 +165,10 @@ for k in a:  # float32 tolerance (the same as torch.testing.assert_close's defau
     assert np.allclose(a[k], b[k], rtol=1.3e-6, atol=1e-5), f"{k}: max diff {np.abs(a[k] - b[k]).max()}"
 PYEOF
 
-say "adapters equal; now the jobs that must fail fast with one clear line"
+cpu() { grep -oE "^TRAIN_END .* restart=$2 cpu_s=[0-9.]+" "$1" | grep -oE '[0-9.]+$' | sort -n | tail -1; }
+say "adapters equal. CPU seconds of the busiest rank up to the end of training (imports included):" \
+    "job $A first run $(cpu "$A_LOG" 0), requeued run $(cpu "$A_LOG" 1); job $B $(cpu "$B_LOG" 0)"
+say "now the jobs that must fail fast with one clear line"
 
 # ---- 5. jobs that must fail at startup with a clear message instead of hanging or resuming the wrong run
 FIT=("${CMD[@]}" fit --config "$HERE/tiny_cpu.yaml" --data.train_file "$W/words.jsonl")
