@@ -18,9 +18,12 @@
 #   scripts/slurm/test_requeue.sh [WORK_DIR]          # as root; ~1-2 min on an idle 2-core machine
 #
 # Env: LITPEFT (the command, default: <repo>/.venv/bin/litpeft) or PYTHON (runs `$PYTHON -m litpeft`),
-# MAX_STEPS (30), SIGNAL_AT_STEP (8), KEEP=1 keeps WORK_DIR on success. PYTHONPATH is passed on to the job
+# MAX_STEPS (30), SIGNAL_AT_STEP (8), KEEP=1 keeps WORK_DIR on success (it is always kept on failure). PYTHONPATH is passed on to the job
 # with the repo prepended, so the checkout's own code runs. Exit 0 = pass.
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  echo "test_requeue: must run as root (it starts slurmd and may apt-get install Slurm)" >&2; exit 1
+fi
 T0=$(date +%s)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -66,7 +69,8 @@ export PYTHONPATH="$REPO:$HERE${PYTHONPATH:+:$PYTHONPATH}"   # the checkout's co
 command -v "${CMD[0]}" >/dev/null || { echo "test_requeue: ${CMD[0]} not found" >&2; exit 1; }
 
 # ---- 1. cluster
-eval "$("$HERE/cluster_up.sh" "$W/cluster")"
+exports=$("$HERE/cluster_up.sh" "$W/cluster") || fail "could not start the Slurm cluster (messages above)"
+eval "$exports"
 say "cluster up: SLURM_CONF=$SLURM_CONF"
 
 # ---- 2. data and the two jobs
