@@ -289,24 +289,51 @@ def _write_job_marker(path: str) -> None:
     os.replace(tmp, path + _JOB_SUFFIX)
 
 
-def auto_resume_checkpoint(trainer: pl.Trainer) -> str | None:
-    """``ckpt_path`` for a ``fit`` that was given none: the :class:`PreemptionCheckpoint` file if present.
+def _written_by_this_requeued_job(path: str) -> bool:
+    """Whether this is a requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) and it wrote ``path`` itself."""
+    job = slurm_job_id()
+    if not job or int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        return False
+    try:
+        with open(path + _JOB_SUFFIX, encoding="utf-8") as f:
+            return f.read().strip() == job
+    except FileNotFoundError:
+        return False
 
-    Returns ``None`` when the Trainer has no :class:`PreemptionCheckpoint` callback (auto-resume is opt-in),
-    when its checkpoint does not exist yet, or for a ``fast_dev_run``. Raises :class:`SlurmResumeError`
-    when the checkpoint was written by another SLURM job (a requeued job keeps its id).
+
+def auto_resume_checkpoint(trainer: pl.Trainer, ckpt_path: str | None = None) -> str | None:
+    """The ``ckpt_path`` to pass to ``fit``: resume-if-present for the :class:`PreemptionCheckpoint` file.
+
+    Without an explicit ``ckpt_path``: the callback's checkpoint if present, else ``None`` (start fresh).
+    Raises :class:`SlurmResumeError` when that checkpoint was written by another SLURM job (a requeued
+    job keeps its id) unless the callback has ``resume_other_jobs``. With an explicit ``ckpt_path`` (a
+    fine-tune that starts from some checkpoint): that path, except in a requeued job that has written its
+    own preemption checkpoint since -- the requeued job's command line still names the old starting point,
+    and resuming from it would throw away the work done before the preemption.
+    Auto-resume is opt-in (a Trainer without a :class:`PreemptionCheckpoint` gets ``ckpt_path`` back) and
+    off for a ``fast_dev_run``.
     """
     if trainer.fast_dev_run:
-        return None
+        return ckpt_path
     for cb in trainer.callbacks:
         if isinstance(cb, PreemptionCheckpoint):
             path = find_resume_checkpoint(cb.resolve_dirpath(trainer), cb.filename)
-            if path is not None:
-                if not cb.resume_other_jobs:
-                    _check_same_job(path)
-                rank_zero_info(f"[litpeft.slurm] resuming from {path}")
+            if path is None:
+                return ckpt_path
+            if ckpt_path is not None:
+                if not _written_by_this_requeued_job(path) or os.path.abspath(ckpt_path) == os.path.abspath(
+                    path
+                ):
+                    return ckpt_path
+                rank_zero_info(
+                    f"[litpeft.slurm] requeued job: resuming from {path}, not --ckpt_path {ckpt_path}"
+                )
+                return path
+            if not cb.resume_other_jobs:
+                _check_same_job(path)
+            rank_zero_info(f"[litpeft.slurm] resuming from {path}")
             return path
-    return None
+    return ckpt_path
 
 
 # --------------------------------------------------------------------------------------------------

@@ -414,3 +414,23 @@ def test_auto_resume_only_resumes_this_jobs_checkpoint(
 
     os.remove(path + ".slurm_job")  # a checkpoint put there by hand (no marker) is resumed
     assert auto_resume_checkpoint(trainer) == path
+
+
+def test_requeued_job_prefers_its_own_checkpoint_over_an_explicit_ckpt_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fine-tune started with --ckpt_path and then preempted: the requeued job (same command line) must
+    resume from its preemption checkpoint, not from the old starting point."""
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(b"not read here")
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    trainer = make_trainer(tmp_path, PreemptionCheckpoint())
+    assert auto_resume_checkpoint(trainer, str(start)) == str(start)  # nothing saved yet
+
+    _, _, cb = run(tmp_path, signal_at_step=3, requeue=False)  # job 100 preempted, checkpoint written
+    own = cb.checkpoint_path(trainer)
+    assert auto_resume_checkpoint(trainer, str(start)) == str(start)  # first run of the job: as given
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert auto_resume_checkpoint(trainer, str(start)) == own  # requeued: its own, newer checkpoint
+    monkeypatch.setenv("SLURM_JOB_ID", "200")  # another job, explicit path: as given, no error
+    assert auto_resume_checkpoint(trainer, str(start)) == str(start)
