@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO
 
 SCRIPT = REPO / "scripts" / "slurm" / "test_requeue.sh"
-TIMEOUT_S = 900  # the script itself takes 1-2 min on an idle 2-core machine (~6 min under heavy load)
+TIMEOUT_S = 900  # the script takes ~1 min on an idle 2-core machine, 3 min with load average 14
 
 
 @pytest.mark.slow

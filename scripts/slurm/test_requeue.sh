@@ -15,7 +15,7 @@
 #      2-task job that forgot `srun`
 #   6. stop the cluster (cluster_down.sh: only the daemons it started) -- also on failure
 #
-#   scripts/slurm/test_requeue.sh [WORK_DIR]          # as root; ~1-2 min on an idle 2-core machine
+#   scripts/slurm/test_requeue.sh [WORK_DIR]   # as root; ~1 min on an idle 2-core machine, 3 min loaded
 #
 # Env: LITPEFT (the command, default: <repo>/.venv/bin/litpeft) or PYTHON (runs `$PYTHON -m litpeft`),
 # MAX_STEPS (30), SIGNAL_AT_STEP (8), KEEP=1 keeps WORK_DIR on success (it is always kept on failure). PYTHONPATH is passed on to the job
@@ -69,6 +69,9 @@ export PYTHONPATH="$REPO:$HERE${PYTHONPATH:+:$PYTHONPATH}"   # the checkout's co
 command -v "${CMD[0]}" >/dev/null || { echo "test_requeue: ${CMD[0]} not found" >&2; exit 1; }
 
 # ---- 1. cluster
+# 6 CPUs in Slurm's view, whatever the machine has: A and B run side by side, and so do the three
+# fail-fast jobs (the work is the same; the waits for scheduling and startup overlap).
+export SLURM_CI_CPUS=${SLURM_CI_CPUS:-6}
 exports=$("$HERE/cluster_up.sh" "$W/cluster") || fail "could not start the Slurm cluster (messages above)"
 eval "$exports"
 say "cluster up: SLURM_CONF=$SLURM_CONF"
