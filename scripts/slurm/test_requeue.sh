@@ -136,7 +136,8 @@ restarts=$(scontrol show job "$A" | grep -oE 'Restarts=[0-9]+' | head -1)
 
 saved=$(grep -oE 'preemption signal: saved .* at global_step=[0-9]+' "$A_LOG" | head -1 | grep -oE '[0-9]+$')
 [ "$saved" = "$SIGNAL_AT_STEP" ] || fail "saved at global_step=$saved, expected $SIGNAL_AT_STEP"
-has "$A_LOG" "requeued SLURM job $A" || fail "rank 0 did not requeue job $A"
+# (No check for rank 0's "requeued SLURM job" line: `scontrol requeue` ends the run at once, often before
+# it can print. Restarts=1 above and SLURM_RESTART_COUNT=1 in the log are the proof.)
 has "$A_LOG" "resuming from $W/a/resume/last.ckpt" || fail "the requeued run did not auto-resume"
 [ "$(grep -c "^TRAIN_START global_step=0 batches_done=0 rank=[01] restart=0 " "$A_LOG")" = 2 ] \
   || fail "first run: both ranks must start at step 0"
