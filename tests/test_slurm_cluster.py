@@ -51,8 +51,9 @@ def test_preempt_requeue_resume_on_a_real_slurm_cluster() -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
         pytest.fail(f"{SCRIPT.name} did not finish in {TIMEOUT_S}s:\n{out[-6000:]}")
-    assert proc.returncode == 0, f"{SCRIPT.name} failed (exit {proc.returncode}):\n{out[-8000:]}"
+    progress = "\n".join(line for line in out.splitlines() if line.startswith("[test_requeue"))
+    assert proc.returncode == 0, (
+        f"{SCRIPT.name} failed (exit {proc.returncode}):\n{progress}\n...\n{out[-8000:]}"
+    )
     assert "PASS:" in out, out[-4000:]
-    print(
-        "\n".join(line for line in out.splitlines() if line.startswith("[test_requeue"))
-    )  # shown by -rA / -s
+    print(progress)  # shown with -rA or -s
