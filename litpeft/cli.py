@@ -62,10 +62,9 @@ class LitPeftCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        # Without --ckpt_path, resume from the preemption checkpoint when one exists (a requeued job).
+        # Under SLURM, resume from the preemption checkpoint when this (requeued) job wrote one.
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") is None:
-            config["ckpt_path"] = auto_resume_checkpoint(self.trainer)
+        config["ckpt_path"] = auto_resume_checkpoint(self.trainer, config.get("ckpt_path"))
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI would build the optimizer now, from all parameters of a model that does not exist

@@ -56,6 +56,7 @@ from litpeft.errors import LitPeftError
 __all__ = [
     "PreemptionCheckpoint",
     "SlurmLayoutError",
+    "SlurmResumeError",
     "atomic_save_checkpoint",
     "auto_resume_checkpoint",
     "check_slurm_layout",
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FILENAME = "last.ckpt"
 DEFAULT_REQUEUE_COMMAND: tuple[str, ...] = ("scontrol", "requeue", "{job_id}")
 _TMP_SUFFIX = ".tmp"
+_JOB_SUFFIX = ".slurm_job"  # next to the checkpoint: the SLURM job that wrote it
 _INTERACTIVE_JOB_NAMES = ("bash", "interactive")
 
 
@@ -253,21 +255,85 @@ def find_resume_checkpoint(
     return None
 
 
-def auto_resume_checkpoint(trainer: pl.Trainer) -> str | None:
-    """``ckpt_path`` for a ``fit`` that was given none: the :class:`PreemptionCheckpoint` file if present.
+class SlurmResumeError(LitPeftError, RuntimeError):
+    """The resume checkpoint in the run directory belongs to another SLURM job."""
 
-    Returns ``None`` when the Trainer has no :class:`PreemptionCheckpoint` callback (auto-resume is opt-in),
-    when its checkpoint does not exist yet, or for a ``fast_dev_run``.
+
+def _check_same_job(path: str) -> None:
+    """Raise :class:`SlurmResumeError` if ``path`` was written by another SLURM job than this one.
+
+    A requeued job keeps its job id, so it resumes its own checkpoint. A *new* job that finds another
+    job's checkpoint (the same config submitted twice, another learning rate on the command line) would
+    otherwise silently continue -- or, for a finished run, end at once and hand back the old adapter.
+    A checkpoint without the marker file (put there by hand) is resumed.
+    """
+    try:
+        with open(path + _JOB_SUFFIX, encoding="utf-8") as f:
+            owner = f.read().strip()
+    except FileNotFoundError:
+        return
+    current = slurm_job_id() or ""
+    if owner != current:
+        raise SlurmResumeError(
+            f"{path} was written by SLURM job {owner or '(none: not a SLURM job)'}, not by this job "
+            f"({current or 'not a SLURM job'}); only a requeued job resumes by itself. To continue that run, "
+            f"pass --ckpt_path {path} (or, for chained jobs, set resume_other_jobs: true on "
+            "litpeft.slurm.PreemptionCheckpoint); to start a new run, set another trainer.default_root_dir."
+        )
+
+
+def _write_job_marker(path: str) -> None:
+    tmp = path + _JOB_SUFFIX + _TMP_SUFFIX
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write((slurm_job_id() or "") + "\n")
+    os.replace(tmp, path + _JOB_SUFFIX)
+
+
+def _written_by_this_requeued_job(path: str) -> bool:
+    """Whether this is a requeued SLURM job (``SLURM_RESTART_COUNT`` > 0) and it wrote ``path`` itself."""
+    job = slurm_job_id()
+    if not job or int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+        return False
+    try:
+        with open(path + _JOB_SUFFIX, encoding="utf-8") as f:
+            return f.read().strip() == job
+    except FileNotFoundError:
+        return False
+
+
+def auto_resume_checkpoint(trainer: pl.Trainer, ckpt_path: str | None = None) -> str | None:
+    """The ``ckpt_path`` to pass to ``fit``: resume-if-present for the :class:`PreemptionCheckpoint` file.
+
+    Without an explicit ``ckpt_path``: the callback's checkpoint if present, else ``None`` (start fresh).
+    Raises :class:`SlurmResumeError` when that checkpoint was written by another SLURM job (a requeued
+    job keeps its id) unless the callback has ``resume_other_jobs``. With an explicit ``ckpt_path`` (a
+    fine-tune that starts from some checkpoint): that path, except in a requeued job that has written its
+    own preemption checkpoint since -- the requeued job's command line still names the old starting point,
+    and resuming from it would throw away the work done before the preemption.
+    Auto-resume is opt-in (a Trainer without a :class:`PreemptionCheckpoint` gets ``ckpt_path`` back) and
+    off for a ``fast_dev_run``.
     """
     if trainer.fast_dev_run:
-        return None
+        return ckpt_path
     for cb in trainer.callbacks:
         if isinstance(cb, PreemptionCheckpoint):
             path = find_resume_checkpoint(cb.resolve_dirpath(trainer), cb.filename)
-            if path is not None:
-                rank_zero_info(f"[litpeft.slurm] resuming from {path}")
+            if path is None:
+                return ckpt_path
+            if ckpt_path is not None:
+                if not _written_by_this_requeued_job(path) or os.path.abspath(ckpt_path) == os.path.abspath(
+                    path
+                ):
+                    return ckpt_path
+                rank_zero_info(
+                    f"[litpeft.slurm] requeued job: resuming from {path}, not --ckpt_path {ckpt_path}"
+                )
+                return path
+            if not cb.resume_other_jobs:
+                _check_same_job(path)
+            rank_zero_info(f"[litpeft.slurm] resuming from {path}")
             return path
-    return None
+    return ckpt_path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +375,7 @@ def atomic_save_checkpoint(trainer: pl.Trainer, filepath: str | os.PathLike[str]
         _remove(tmp)  # stale temp file of an interrupted save
     strategy.barrier("litpeft_atomic_save_pre")
     try:
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             if os.path.isdir(tmp):
                 # Sharded checkpoint (a directory): os.replace cannot replace a non-empty directory, so move
@@ -349,8 +415,10 @@ class PreemptionCheckpoint(Callback):
     * Then ``<dirpath>/<filename>`` is written atomically (see :func:`atomic_save_checkpoint`), global
       rank 0 runs ``scontrol requeue <job>`` (only under SLURM by default) and ``trainer.should_stop`` is
       set, so the run leaves the loop and exits; validation is skipped on that stop by default.
-    * With ``save_on_train_end`` the same file is also written when training ends normally, so a rerun or
-      an extra requeue of a finished job resumes at ``max_steps`` and stops at once instead of redoing work.
+    * With ``save_on_train_end`` the same file is also written when training ends normally, so an extra
+      requeue of a finished job resumes at ``max_steps`` and stops at once instead of redoing work.
+    * Next to the checkpoint, ``<filename>.slurm_job`` names the job that wrote it: a requeued job (same
+      id) resumes by itself; a new job finding another job's checkpoint stops with a clear error.
 
     Lightning's own SLURM auto-requeue is switched off at ``setup`` (it would save inside the handler).
     Resume with ``trainer.fit(model, ckpt_path=auto_resume_checkpoint(trainer))``. The signal is only
@@ -368,6 +436,10 @@ class PreemptionCheckpoint(Callback):
         check_every_n_steps: Reduce the flag across ranks every n optimizer steps (one tiny all-reduce each).
         save_on_train_end: Also write the checkpoint when training finishes normally.
         skip_validation_on_stop: Skip the validation that Lightning runs when ``should_stop`` is set.
+        resume_other_jobs: Also resume a checkpoint written by another SLURM job (jobs chained with
+            ``sbatch --dependency`` on clusters that do not allow requeueing). By default only a requeued
+            job (same job id) resumes by itself, so a new run in an old directory fails instead of silently
+            continuing the old run.
     """
 
     def __init__(
@@ -380,6 +452,7 @@ class PreemptionCheckpoint(Callback):
         check_every_n_steps: int = 1,
         save_on_train_end: bool = True,
         skip_validation_on_stop: bool = True,
+        resume_other_jobs: bool = False,
     ) -> None:
         super().__init__()
         if check_every_n_steps < 1:
@@ -394,6 +467,7 @@ class PreemptionCheckpoint(Callback):
         self.check_every_n_steps = check_every_n_steps
         self.save_on_train_end = save_on_train_end
         self.skip_validation_on_stop = skip_validation_on_stop
+        self.resume_other_jobs = resume_other_jobs
         self.signal_received = False
         self.preempted = False
         self.requeued = False
@@ -483,7 +557,7 @@ class PreemptionCheckpoint(Callback):
             )
             return
         self.preempted = True
-        path = atomic_save_checkpoint(trainer, self.checkpoint_path(trainer))
+        path = self._save(trainer)
         rank_zero_info(f"[litpeft.slurm] preemption signal: saved {path} at global_step={step}.")
         if trainer.is_global_zero:
             self.requeued = self._requeue()
@@ -493,9 +567,16 @@ class PreemptionCheckpoint(Callback):
             trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the final state to the same file so a rerun of a finished job is a no-op."""
+        """Write the final state to the same file so a requeue of a finished job is a no-op."""
         if self.save_on_train_end and not self.preempted and not trainer.fast_dev_run:
-            atomic_save_checkpoint(trainer, self.checkpoint_path(trainer))
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> str:
+        """Atomic checkpoint + a marker naming this SLURM job (see :func:`auto_resume_checkpoint`)."""
+        path = atomic_save_checkpoint(trainer, self.checkpoint_path(trainer))
+        if trainer.is_global_zero:
+            _write_job_marker(path)
+        return path
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from litpeft.slurm import (
     PreemptionCheckpoint,
     SlurmLayoutError,
+    SlurmResumeError,
     atomic_save_checkpoint,
     auto_resume_checkpoint,
     check_slurm_layout,
@@ -250,8 +251,10 @@ def test_first_run_starts_fresh_and_requeued_run_resumes_to_max_steps(
     )
     if saved_step % BATCHES_PER_EPOCH == 0:
         # Preempted at an epoch boundary: bit-identical to the uninterrupted run (weights + optimizer
-        # state restored). Mid-epoch, a plain DataLoader restarts its epoch's data order on resume
-        # (Lightning warns: not resumable), so only the step/epoch counters are compared there.
+        # state restored). Mid-epoch, this test's plain DataLoader restarts its epoch's data order on
+        # resume (Lightning warns: not resumable), so only the step/epoch counters are compared there.
+        # litpeft's InstructionDataModule does continue mid-epoch (ResumableSampler); that is checked
+        # end to end, batch by batch, by scripts/slurm/test_requeue.sh.
         for a, b in zip(model2.state_dict().values(), ref_model.state_dict().values(), strict=True):
             assert torch.equal(a, b)
 
@@ -385,3 +388,49 @@ def test_slurm_plugins_and_job_id() -> None:
     assert slurm_job_id({"SLURM_JOB_ID": "5"}) == "5"
     assert slurm_job_id({"SLURM_JOB_ID": "9", "SLURM_ARRAY_JOB_ID": "8", "SLURM_ARRAY_TASK_ID": "3"}) == "8_3"
     assert slurm_job_id({}) is None
+
+
+def test_auto_resume_only_resumes_this_jobs_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A requeued job keeps its SLURM job id and resumes; a new job must not silently take over the old run."""
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    trainer1, _, cb1 = run(tmp_path, signal_at_step=3, requeue=False)
+    path = cb1.checkpoint_path(trainer1)
+    assert cb1.preempted and Path(path + ".slurm_job").read_text().strip() == "100"
+
+    trainer = make_trainer(tmp_path, PreemptionCheckpoint())
+    assert auto_resume_checkpoint(trainer) == path  # same job (requeued): resume
+
+    monkeypatch.setenv("SLURM_JOB_ID", "200")  # another job with the same default_root_dir
+    with pytest.raises(SlurmResumeError, match=r"written by SLURM job 100, not by this job \(200\)"):
+        auto_resume_checkpoint(trainer)
+    assert find_resume_checkpoint(tmp_path / "resume") == path  # the file itself is still there
+
+    chained = make_trainer(
+        tmp_path, PreemptionCheckpoint(resume_other_jobs=True)
+    )  # sbatch --dependency chains
+    assert auto_resume_checkpoint(chained) == path
+
+    os.remove(path + ".slurm_job")  # a checkpoint put there by hand (no marker) is resumed
+    assert auto_resume_checkpoint(trainer) == path
+
+
+def test_requeued_job_prefers_its_own_checkpoint_over_an_explicit_ckpt_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fine-tune started with --ckpt_path and then preempted: the requeued job (same command line) must
+    resume from its preemption checkpoint, not from the old starting point."""
+    start = tmp_path / "start.ckpt"
+    start.write_bytes(b"not read here")
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    trainer = make_trainer(tmp_path, PreemptionCheckpoint())
+    assert auto_resume_checkpoint(trainer, str(start)) == str(start)  # nothing saved yet
+
+    _, _, cb = run(tmp_path, signal_at_step=3, requeue=False)  # job 100 preempted, checkpoint written
+    own = cb.checkpoint_path(trainer)
+    assert auto_resume_checkpoint(trainer, str(start)) == str(start)  # first run of the job: as given
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert auto_resume_checkpoint(trainer, str(start)) == own  # requeued: its own, newer checkpoint
+    monkeypatch.setenv("SLURM_JOB_ID", "200")  # another job, explicit path: as given, no error
+    assert auto_resume_checkpoint(trainer, str(start)) == str(start)

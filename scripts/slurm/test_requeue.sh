@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
-# End-to-end check of preemption + requeue on a real (throwaway, single-node) Slurm cluster:
-#   1. start the cluster (cluster_up.sh), 2. submit scripts/slurm/cpu.sbatch as a 2-task gloo-DDP job
-#   running a tiny Lightning script with litpeft.slurm's PreemptionCheckpoint + auto_resume_checkpoint,
-#   3. `scancel --signal=USR1` it mid-run, 4. check that it saved, requeued (SLURM_RESTART_COUNT=1),
-#   resumed from the checkpoint at the same global_step and finished exactly at max_steps,
-#   5. stop the cluster (cluster_down.sh) -- also on failure.
+# End-to-end test of litpeft on a real (throwaway, single-node) Slurm cluster: preemption, requeue,
+# auto-resume, and a final adapter equal to an uninterrupted run's.
 #
-#   sudo scripts/slurm/test_requeue.sh [WORK_DIR]        # ~1-2 min; needs root (slurmd)
+#   1. start the cluster (cluster_up.sh; installs slurmctld/slurmd/slurm-client/munge with apt if missing)
+#   2. submit two jobs with the shipped scripts/slurm/cpu.sbatch, both
+#        litpeft fit --config scripts/slurm/tiny_cpu.yaml   (tiny:llama + LoRA, 2 gloo DDP ranks, 30 steps)
+#      job A ("interrupted") and job B ("reference", never signalled), on the same generated data
+#   3. when A has done SIGNAL_AT_STEP steps: `scancel --signal=USR1 A`
+#   4. check: A saved <root>/resume/last.ckpt at that step, requeued itself (Restarts=1,
+#      SLURM_RESTART_COUNT=1), resumed by itself at the same step with the same batches and the same LR
+#      as B at every step, finished at max_steps, COMPLETED with exit 0; and A's final adapter equals B's
+#   5. check that three jobs fail at startup with one clear line instead of hanging or resuming the wrong
+#      run: a new job reusing B's run directory, a job whose Trainer disagrees with its task count, and a
+#      2-task job that forgot `srun`
+#   6. stop the cluster (cluster_down.sh: only the daemons it started) -- also on failure
 #
-# Env: PYTHON (default: .venv/bin/python or python3), MAX_STEPS (40), SIGNAL_AT_STEP (8), KEEP=1 keeps
-# WORK_DIR. Exit 0 = pass.
-# TODO(litpeft): switch the job command to `litpeft fit --config <tiny cpu config>` once the core lands.
+#   scripts/slurm/test_requeue.sh [WORK_DIR]   # as root; ~1 min on an idle 2-core machine, 3 min loaded
+#
+# Env: LITPEFT (the command, default: <repo>/.venv/bin/litpeft) or PYTHON (runs `$PYTHON -m litpeft`),
+# MAX_STEPS (30), SIGNAL_AT_STEP (8), KEEP=1 keeps WORK_DIR on success (it is always kept on failure). PYTHONPATH is passed on to the job
+# with the repo prepended, so the checkout's own code runs. Exit 0 = pass.
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  echo "test_requeue: must run as root (it starts slurmd and may apt-get install Slurm)" >&2; exit 1
+fi
 T0=$(date +%s)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 W=${1:-$(mktemp -d /tmp/litpeft-requeue.XXXXXX)}
 mkdir -p "$W"; W=$(cd "$W" && pwd)
-PY=${PYTHON:-$REPO/.venv/bin/python}
-[ -x "$PY" ] || PY=$(command -v python3)
-MAX_STEPS=${MAX_STEPS:-40}
+MAX_STEPS=${MAX_STEPS:-30}
 SIGNAL_AT_STEP=${SIGNAL_AT_STEP:-8}
-LOG=$W/job.log
-JOB=""
+A_LOG=$W/interrupted.log
+B_LOG=$W/reference.log
+A="" B=""
 
 say() { echo "[test_requeue +$(( $(date +%s) - T0 ))s] $*"; }
 fail() {
   say "FAIL: $*"
-  echo "----- job log ($LOG) -----"; cat "$LOG" 2>/dev/null || true
-  if [ -n "$JOB" ]; then scontrol show job "$JOB" 2>/dev/null || true; fi
+  for f in "$A_LOG" "$B_LOG"; do echo "----- $f -----"; tail -n 80 "$f" 2>/dev/null || true; done
+  for j in $A $B; do scontrol show job "$j" 2>/dev/null || true; done
   echo "----- slurm logs -----"; tail -n 20 "$W"/cluster/log/*.log 2>/dev/null || true
   exit 1
 }
@@ -36,112 +47,159 @@ cleanup() {
   rc=$?
   "$HERE/cluster_down.sh" "$W/cluster" >/dev/null 2>&1 || true
   if [ "$rc" = 0 ] && [ "${KEEP:-0}" != 1 ]; then rm -rf "$W"; fi
-  say "cluster stopped (exit $rc)"
+  say "cluster stopped (exit $rc, total $(( $(date +%s) - T0 ))s)"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT   # a killed test still runs cleanup (stops the daemons it started)
+
+# ---- the command the job runs
+if [ -n "${LITPEFT:-}" ]; then
+  read -r -a CMD <<< "$LITPEFT"
+elif [ -n "${PYTHON:-}" ]; then
+  CMD=("$PYTHON" -m litpeft)
+elif [ -x "$REPO/.venv/bin/litpeft" ]; then
+  CMD=("$REPO/.venv/bin/litpeft")
+else
+  echo "test_requeue: no litpeft found: run \`make install\` or set LITPEFT=/path/to/litpeft or PYTHON=..." >&2
+  exit 1
+fi
+PY=${PYTHON:-$(dirname "${CMD[0]}")/python}
+[ -x "$PY" ] || PY=python3
+export PYTHONPATH="$REPO:$HERE${PYTHONPATH:+:$PYTHONPATH}"   # the checkout's code + requeue_probe.py
+command -v "${CMD[0]}" >/dev/null || { echo "test_requeue: ${CMD[0]} not found" >&2; exit 1; }
 
 # ---- 1. cluster
-eval "$("$HERE/cluster_up.sh" "$W/cluster")"
+# 6 CPUs in Slurm's view, whatever the machine has: A and B run side by side, and so do the three
+# fail-fast jobs (the work is the same; the waits for scheduling and startup overlap).
+export SLURM_CI_CPUS=${SLURM_CI_CPUS:-6}
+exports=$("$HERE/cluster_up.sh" "$W/cluster") || fail "could not start the Slurm cluster (messages above)"
+eval "$exports"
 say "cluster up: SLURM_CONF=$SLURM_CONF"
 
-# ---- 2. the job's training script: BoringModel, 2 ranks (gloo), ~0.2 s per step
-cat > "$W/train.py" <<'PYEOF'
-import argparse
-import os
-import time
-
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
-from torch.utils.data import DataLoader
-
-from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout
-
-p = argparse.ArgumentParser()
-p.add_argument("--root", required=True)
-p.add_argument("--max_steps", type=int, default=40)
-p.add_argument("--step_sleep", type=float, default=0.2)
-p.add_argument("--trainer.accelerator", dest="accelerator", default="cpu")
-p.add_argument("--trainer.devices", dest="devices", type=int, default=1)
-p.add_argument("--trainer.num_nodes", dest="num_nodes", type=int, default=1)
-args = p.parse_args()
-rank = os.environ.get("SLURM_PROCID", "0")
-
-
-class Model(BoringModel):
-    def training_step(self, batch, batch_idx):
-        time.sleep(args.step_sleep)
-        print(f"STEP rank={rank} global_step={self.trainer.global_step} epoch={self.trainer.current_epoch}"
-              f" batch_idx={batch_idx}", flush=True)
-        return super().training_step(batch, batch_idx)
-
-    def train_dataloader(self):
-        return DataLoader(RandomDataset(32, 64), batch_size=4)  # 8 batches per rank per epoch
-
-
-seed_everything(0)
-cb = PreemptionCheckpoint()  # <root>/resume/last.ckpt; requeues via scontrol under SLURM
-trainer = Trainer(default_root_dir=args.root, accelerator=args.accelerator, devices=args.devices,
-                  num_nodes=args.num_nodes, strategy="ddp", max_steps=args.max_steps, callbacks=[cb],
-                  logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, num_sanity_val_steps=0)
-check_slurm_layout(trainer)
-ckpt = auto_resume_checkpoint(trainer)
-print(f"START rank={rank} restart={os.environ.get('SLURM_RESTART_COUNT', '0')} resume_from={ckpt}", flush=True)
-trainer.fit(Model(), ckpt_path=ckpt)
-print(f"END rank={rank} global_step={trainer.global_step} epoch={trainer.current_epoch}"
-      f" preempted={cb.preempted} requeued={cb.requeued}", flush=True)
+# ---- 2. data and the two jobs
+"$PY" - "$W/words.jsonl" <<'PYEOF'
+import json, sys
+words = ("apple river stone cloud maple tiger lemon ocean piano zebra candle forest garden honey island "
+         "jungle kettle ladder mirror needle orange pepper quartz rocket saddle turtle violet window yellow "
+         "basket bridge castle dragon engine falcon glider harbor insect jacket kitten").split()
+with open(sys.argv[1], "w") as f:
+    for w in words:  # 40 rows: 5 batches of 4 per rank per epoch, so 30 steps cross 5 epoch boundaries
+        f.write(json.dumps({"instruction": "Reverse the word.", "input": w, "output": w[::-1]}) + "\n")
 PYEOF
 
-# ---- 3. submit the project's cpu.sbatch template with this command (2 tasks on 1 node)
-JOB=$(cd "$W" && sbatch --parsable --job-name=litpeft-requeue-test --output="$LOG" \
-      --export=ALL,PYTHONPATH="$REPO" "$HERE/cpu.sbatch" \
-      "$PY" "$W/train.py" --root "$W/run" --max_steps "$MAX_STEPS")
-JOB=${JOB%%;*}
-say "submitted job $JOB"
+submit() {  # submit NAME LOG ROOT [PROBE_INIT_ARGS]: cpu.sbatch with `litpeft fit --config tiny_cpu.yaml`
+  local name=$1 log=$2 root=$3 probe=${4:-"{}"} id
+  id=$(cd "$W" && sbatch --parsable --job-name="$name" --output="$log" --export=ALL "$HERE/cpu.sbatch" \
+       "${CMD[@]}" fit --config "$HERE/tiny_cpu.yaml" \
+       --data.train_file "$W/words.jsonl" \
+       --trainer.max_steps "$MAX_STEPS" \
+       --trainer.default_root_dir "$root" \
+       --model.adapter_dir "$root/adapter" \
+       --trainer.callbacks+="{\"class_path\": \"requeue_probe.StepProbe\", \"init_args\": $probe}")
+  echo "${id%%;*}"
+}
+A=$(submit litpeft-requeue-a "$A_LOG" "$W/a" \
+    "{\"block_at_step\": $SIGNAL_AT_STEP, \"ready_file\": \"$W/a_ready\"}")
+B=$(submit litpeft-requeue-b "$B_LOG" "$W/b")
+say "submitted job $A (interrupted) and job $B (reference)"
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local t=$1 what=$2; shift 2
   for _ in $(seq 1 $(( t * 2 ))); do "$@" && return 0; sleep 0.5; done
   fail "timed out after ${t}s waiting for: $what"
 }
-log_has() { grep -qE "$1" "$LOG" 2>/dev/null; }
-job_gone() { [ -z "$(squeue -h -j "$JOB" 2>/dev/null)" ]; }
+has() { grep -qE "$2" "$1" 2>/dev/null; }
+gone() { [ -z "$(squeue -h -j "$1" 2>/dev/null)" ]; }
 
-wait_for 300 "step $SIGNAL_AT_STEP of the first run" log_has "STEP rank=0 global_step=$SIGNAL_AT_STEP "
-say "first run reached step $SIGNAL_AT_STEP; sending SIGUSR1 (scancel --signal=USR1 $JOB)"
-scancel --signal=USR1 "$JOB"
-
-wait_for 60 "the preemption checkpoint" log_has "preemption signal: saved"
-say "checkpoint saved; waiting for the requeue"
-wait_for 180 "the requeued run (SLURM_RESTART_COUNT=1)" log_has "SLURM_RESTART_COUNT=1"
-say "requeued; waiting for the job to finish"
-wait_for 420 "the requeued run to finish" job_gone
-say "job left the queue"
+wait_for 300 "job $A to reach step $SIGNAL_AT_STEP" test -s "$W/a_ready"
+say "job $A at step $SIGNAL_AT_STEP: scancel --signal=USR1 $A"
+scancel --signal=USR1 "$A"
+wait_for 120 "the preemption checkpoint" has "$A_LOG" "preemption signal: saved"
+say "checkpoint saved; waiting for the requeued run"
+wait_for 300 "the requeued run (SLURM_RESTART_COUNT=1)" has "$A_LOG" "SLURM_RESTART_COUNT=1"
+say "job $A requeued and restarted; waiting for both jobs to finish"
+wait_for 420 "job $A to finish" gone "$A"
+wait_for 300 "job $B to finish" gone "$B"
+say "both jobs left the queue"
 
 # ---- 4. checks
-state=$(scontrol show job "$JOB" | grep -oE 'JobState=[A-Z_]+' | head -1)
-restarts=$(scontrol show job "$JOB" | grep -oE 'Restarts=[0-9]+' | head -1)
-exitcode=$(scontrol show job "$JOB" | grep -oE ' ExitCode=[0-9:]+' | head -1 | tr -d ' ')
-[ "$state" = JobState=COMPLETED ] || fail "job state is $state, expected COMPLETED"
-[ "$restarts" = Restarts=1 ] || fail "$restarts, expected Restarts=1"
-[ "$exitcode" = ExitCode=0:0 ] || fail "$exitcode, expected ExitCode=0:0"
+for j in $A $B; do
+  info=$(scontrol show job "$j")
+  state=$(grep -oE 'JobState=[A-Z_]+' <<< "$info" | head -1)
+  code=$(grep -oE ' ExitCode=[0-9:]+' <<< "$info" | head -1 | tr -d ' ')
+  [ "$state" = JobState=COMPLETED ] || fail "job $j: $state, expected COMPLETED"
+  [ "$code" = ExitCode=0:0 ] || fail "job $j: $code, expected ExitCode=0:0"
+done
+restarts=$(scontrol show job "$A" | grep -oE 'Restarts=[0-9]+' | head -1)
+[ "$restarts" = Restarts=1 ] || fail "job $A: $restarts, expected Restarts=1"
+[ "$(scontrol show job "$B" | grep -oE 'Restarts=[0-9]+' | head -1)" = Restarts=0 ] || fail "job $B was restarted"
 
-saved=$(grep -oE 'preemption signal: saved .* at global_step=[0-9]+' "$LOG" | head -1 | grep -oE '[0-9]+$')
-[ -n "$saved" ] || fail "no saved step in the log"
-[ "$saved" -lt "$MAX_STEPS" ] || fail "saved at $saved, not before max_steps=$MAX_STEPS"
-log_has "requeued SLURM job $JOB" || fail "rank 0 did not requeue the job"
-[ "$(grep -c '^START rank=[01] restart=0 resume_from=None' "$LOG")" = 2 ] || fail "first run: both ranks must start fresh"
-[ "$(grep -cE "^START rank=[01] restart=1 resume_from=$W/run/resume/last.ckpt" "$LOG")" = 2 ] \
-  || fail "requeued run: both ranks must resume from $W/run/resume/last.ckpt"
-after=$(sed -n '/SLURM_RESTART_COUNT=1/,$p' "$LOG")
-first=$(echo "$after" | grep -m1 -oE '^STEP rank=0 global_step=[0-9]+' | grep -oE '[0-9]+$')
-[ "$first" = "$saved" ] || fail "requeued run started at global_step=$first, expected $saved"
-last=$(grep -oE '^STEP rank=0 global_step=[0-9]+' "$LOG" | tail -1 | grep -oE '[0-9]+$')
-[ "$last" = $(( MAX_STEPS - 1 )) ] || fail "last step run was $last, expected $(( MAX_STEPS - 1 ))"
-# every step 0..MAX_STEPS-1 ran exactly once on rank 0 across both runs: nothing repeated, nothing skipped
-n=$(grep -oE '^STEP rank=0 global_step=[0-9]+' "$LOG" | sort -u | wc -l)
-m=$(grep -cE '^STEP rank=0 global_step=[0-9]+' "$LOG")
-[ "$n" = "$MAX_STEPS" ] && [ "$m" = "$MAX_STEPS" ] || fail "rank 0 ran $m steps ($n distinct), expected $MAX_STEPS"
-[ "$(echo "$after" | grep -c "^END rank=[01] global_step=$MAX_STEPS .*preempted=False")" = 2 ] \
+saved=$(grep -oE 'preemption signal: saved .* at global_step=[0-9]+' "$A_LOG" | head -1 | grep -oE '[0-9]+$')
+[ "$saved" = "$SIGNAL_AT_STEP" ] || fail "saved at global_step=$saved, expected $SIGNAL_AT_STEP"
+# (No check for rank 0's "requeued SLURM job" line: `scontrol requeue` ends the run at once, often before
+# it can print. Restarts=1 above and SLURM_RESTART_COUNT=1 in the log are the proof.)
+has "$A_LOG" "resuming from $W/a/resume/last.ckpt" || fail "the requeued run did not auto-resume"
+[ "$(grep -c "^TRAIN_START global_step=0 batches_done=0 rank=[01] restart=0 " "$A_LOG")" = 2 ] \
+  || fail "first run: both ranks must start at step 0"
+[ "$(grep -c "^TRAIN_START global_step=$saved batches_done=$saved rank=[01] restart=1 " "$A_LOG")" = 2 ] \
+  || fail "requeued run: both ranks must start at global_step=$saved with $saved batches consumed"
+[ "$(grep -c "^TRAIN_END global_step=$MAX_STEPS rank=[01] restart=1 " "$A_LOG")" = 2 ] \
   || fail "requeued run: both ranks must end at global_step=$MAX_STEPS"
-say "PASS: saved at step $saved, requeued (Restarts=1), resumed at step $first, finished at $MAX_STEPS"
+[ "$(grep -c "^TRAIN_END global_step=$MAX_STEPS rank=[01] restart=0 " "$B_LOG")" = 2 ] \
+  || fail "reference: both ranks must end at global_step=$MAX_STEPS"
+
+# Every step 0..MAX_STEPS-1 ran exactly once per rank in A (first run < saved, requeued run >= saved),
+# with the batch and learning rate that B used at that step.
+steps() { grep -E '^STEP ' "$1" | sed -E 's/ restart=[0-9]+//' | sort -t= -k3,3n -k2,2n; }
+steps "$A_LOG" > "$W/a_steps"; steps "$B_LOG" > "$W/b_steps"
+[ "$(wc -l < "$W/b_steps")" = $(( 2 * MAX_STEPS )) ] || fail "reference ran $(wc -l < "$W/b_steps") rank-steps"
+[ "$(grep -cE "^STEP rank=[01] restart=0 global_step=([0-9]+) " "$A_LOG")" = $(( 2 * saved )) ] \
+  || fail "first run of $A must run steps 0..$(( saved - 1 )) on both ranks"
+diff "$W/a_steps" "$W/b_steps" > "$W/steps.diff" \
+  || { cat "$W/steps.diff"; fail "interrupted and reference runs differ in steps, batches or LR (diff above)"; }
+
+# Final adapters: written once by rank 0 of the finished run, equal within float32 tolerance.
+"$PY" - "$W/a/adapter/adapter.safetensors" "$W/b/adapter/adapter.safetensors" <<'PYEOF' || fail "adapters differ"
+import sys
+import numpy as np
+from safetensors.numpy import load_file  # numpy, not torch: a second or two less on a small machine
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert a.keys() == b.keys() and a, f"different tensors: {sorted(a.keys() ^ b.keys())}"
+diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+moved = max(float(np.abs(b[k]).max()) for k in b if "lora_B" in k)  # B starts at 0: training changed it
+print(f"adapter: {len(a)} tensors, max |interrupted - reference| = {diff:.3g}, max |lora_B| = {moved:.3g}")
+assert moved > 0, "the reference adapter did not train (lora_B is still 0)"
+for k in a:  # float32 tolerance (the same as torch.testing.assert_close's defaults for float32)
+    assert np.allclose(a[k], b[k], rtol=1.3e-6, atol=1e-5), f"{k}: max diff {np.abs(a[k] - b[k]).max()}"
+PYEOF
+
+cpu() { grep -oE "^TRAIN_END .* restart=$2 cpu_s=[0-9.]+" "$1" | grep -oE '[0-9.]+$' | sort -n | tail -1; }
+say "adapters equal. CPU seconds of the busiest rank up to the end of training (imports included):" \
+    "job $A first run $(cpu "$A_LOG" 0), requeued run $(cpu "$A_LOG" 1); job $B $(cpu "$B_LOG" 0)"
+say "now the jobs that must fail fast with one clear line"
+
+# ---- 5. jobs that must fail at startup with a clear message instead of hanging or resuming the wrong run
+FIT=("${CMD[@]}" fit --config "$HERE/tiny_cpu.yaml" --data.train_file "$W/words.jsonl")
+quote() { printf '%q ' "$@"; }
+# C: a new job with B's default_root_dir must not silently take over B's (finished) run
+C=$(submit litpeft-requeue-c "$W/c.log" "$W/b")
+# D: 2 srun tasks, but the Trainer told devices=1 (a hand-written job script)
+D=$(cd "$W" && sbatch --parsable --job-name=litpeft-layout-d --output="$W/d.log" --ntasks-per-node=2 \
+    --wrap "srun --kill-on-bad-exit=1 $(quote "${FIT[@]}") --trainer.devices=1 --trainer.default_root_dir $W/d")
+# E: a 2-task job that runs litpeft without srun
+E=$(cd "$W" && sbatch --parsable --job-name=litpeft-layout-e --output="$W/e.log" --ntasks-per-node=2 \
+    --wrap "$(quote "${FIT[@]}") --trainer.devices=2 --trainer.default_root_dir $W/e")
+D=${D%%;*} E=${E%%;*}
+wait_for 300 "jobs $C $D $E to finish" eval 'gone "$C" && gone "$D" && gone "$E"'
+expect_failure() {  # expect_failure JOB LOG PATTERN
+  local info; info=$(scontrol show job "$1")
+  grep -q 'JobState=FAILED' <<< "$info" || fail "job $1 should have failed: $(grep -oE 'JobState=[A-Z_]+' <<< "$info")"
+  grep -qE "litpeft: error: .*$3" "$2" || { tail -n 30 "$2"; fail "job $1: no clear error matching '$3'"; }
+  say "job $1 failed as expected: $(grep -m1 -oE "litpeft: error: .{0,110}" "$2")..."
+}
+expect_failure "$C" "$W/c.log" "written by SLURM job $B, not by this job \\($C\\)"
+expect_failure "$D" "$W/d.log" "job step has 2 tasks .*expects devices=1 x num_nodes=1"
+expect_failure "$E" "$W/e.log" "not started by .srun."
+
+say "PASS: job $A saved at step $saved, requeued (Restarts=1), resumed at step $saved with the same" \
+    "batches and LR as job $B, finished at step $MAX_STEPS; final adapters equal; bad jobs fail fast"
