@@ -40,13 +40,21 @@ import json
 import random
 from pathlib import Path
 
-INSTRUCTION = (
-    "Convert the date to ISO format (YYYY-MM-DD). Reply with the date only."
-)
+INSTRUCTION = "Convert the date to ISO format (YYYY-MM-DD). Reply with the date only."
 
 MONTHS = [
-    "January", "February", "March", "April", "May", "June",
-    "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 
@@ -55,10 +63,7 @@ LAST_DATE = dt.date(2049, 12, 31)
 
 
 def ordinal(n: int) -> str:
-    if 10 <= n % 100 <= 20:
-        suffix = "th"
-    else:
-        suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
     return f"{n}{suffix}"
 
 
@@ -69,16 +74,16 @@ def render(date: dt.date, style: int) -> str:
     day, year = date.day, date.year
     weekday = WEEKDAYS[date.weekday()]
     styles = [
-        f"{month} {day}, {year}",              # March 5, 2021
-        f"{day} {month} {year}",               # 5 March 2021
-        f"{mon} {day}, {year}",                # Mar 5, 2021
-        f"{month} {ordinal(day)}, {year}",     # March 5th, 2021
+        f"{month} {day}, {year}",  # March 5, 2021
+        f"{day} {month} {year}",  # 5 March 2021
+        f"{mon} {day}, {year}",  # Mar 5, 2021
+        f"{month} {ordinal(day)}, {year}",  # March 5th, 2021
         f"the {ordinal(day)} of {month}, {year}",  # the 5th of March, 2021
-        f"{day:02d}-{mon}-{year}",             # 05-Mar-2021
-        f"{weekday}, {month} {day}, {year}",   # Friday, March 5, 2021
+        f"{day:02d}-{mon}-{year}",  # 05-Mar-2021
+        f"{weekday}, {month} {day}, {year}",  # Friday, March 5, 2021
         f"{weekday}, the {ordinal(day)} of {month} {year}",  # Friday, the 5th of March 2021
-        f"{day} {mon} {year}",                 # 5 Mar 2021
-        f"{year}, {month} {day}",              # 2021, March 5
+        f"{day} {mon} {year}",  # 5 Mar 2021
+        f"{year}, {month} {day}",  # 2021, March 5
     ]
     return styles[style % len(styles)]
 
