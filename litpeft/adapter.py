@@ -25,25 +25,43 @@ from litpeft.models import load_model, load_tokenizer
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.yaml"
 
 
-def base_fingerprint(model: PreTrainedModel) -> str:
-    """A short hash of the base model's input embedding: tells one base checkpoint from another."""
-    emb = model.get_input_embeddings().weight.detach()
-    sample = emb.flatten()[:65536].float().cpu().numpy().tobytes()
-    return f"{model.config.model_type}-{tuple(emb.shape)}-" + hashlib.sha256(sample).hexdigest()[:12]
+FINGERPRINT_ELEMENTS = 65536
 
 
-def save_adapter(directory: str | Path, module: Any, style: PromptStyle | None = None) -> Path:
-    """Write a ``PeftLM``'s adapter (its method's tensors and config) to ``directory``."""
+def base_fingerprint(model: PreTrainedModel, embedding: torch.Tensor | None = None) -> str:
+    """A short hash of the base model's input embedding: tells one base checkpoint from another.
+
+    ``embedding``: the table's leading rows when the model's own is sharded (see litpeft.distributed).
+    """
+    weight = model.get_input_embeddings().weight
+    emb = weight.detach() if embedding is None else embedding
+    sample = emb.flatten()[:FINGERPRINT_ELEMENTS].float().cpu().numpy().tobytes()
+    return f"{model.config.model_type}-{tuple(weight.shape)}-" + hashlib.sha256(sample).hexdigest()[:12]
+
+
+def save_adapter(
+    directory: str | Path,
+    module: Any,
+    style: PromptStyle | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    fingerprint: str | None = None,
+) -> Path:
+    """Write a ``PeftLM``'s adapter (its method's tensors and config) to ``directory``.
+
+    ``tensors``/``fingerprint``: already gathered full tensors when the model is sharded (FSDP).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model, method = module.model, module.method
-    tensors = {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(model).items()}
+    if tensors is None:
+        tensors = method.adapter_state_dict(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     tmp = directory / f".{WEIGHTS}.tmp{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS)
     meta = {
         "base_model": module.model_spec,
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": fingerprint or base_fingerprint(model),
         "method": method.config(),
         "prompt_style": style_name(style) if style is not None else None,
         "trainable_parameters": sum(v.numel() for v in tensors.values()),
