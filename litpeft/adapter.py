@@ -7,6 +7,7 @@ adapter.yaml          base model spec and fingerprint, method (class_path + init
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from litpeft.data.prompts import PromptStyle, get_style, style_name
 from litpeft.errors import LitPeftError
 from litpeft.methods import PeftMethod, method_from_config
 from litpeft.models import load_model, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.yaml"
 
@@ -64,6 +67,7 @@ def save_adapter(
         "base_fingerprint": fingerprint or base_fingerprint(model),
         "method": method.config(),
         "prompt_style": style_name(style) if style is not None else None,
+        "quantize": getattr(module, "quantize", None),
         "trainable_parameters": sum(v.numel() for v in tensors.values()),
     }
     (directory / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
@@ -116,6 +120,15 @@ def load_adapter(
             f"adapter '{directory}' was trained on base '{meta['base_model']}', which differs from "
             f"'{spec}' (fingerprint {meta['base_fingerprint']} vs {base_fingerprint(base)})"
         )
+    if meta.get("quantize"):
+        from litpeft.quantize import quantize_model
+
+        log.info(
+            "adapter trained on a %s-quantized base: quantizing the base the same way (merging then writes "
+            "dequantized 16/32-bit weights, not a quantized model)",
+            meta["quantize"],
+        )
+        quantize_model(base, meta["quantize"])
     method = method_from_config(meta["method"])
     method.apply(base)
     method.load_adapter_state_dict(base, weights)

@@ -30,6 +30,7 @@ plain 16/32-bit linear layers, not a quantized model.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -45,6 +46,9 @@ NESTED_BLOCKSIZE = 256  # and for the 8-bit absmaxes under double quantization
 
 
 def _bnb() -> Any:
+    # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional inference kernel is missing;
+    # this layer never uses that kernel.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnbF
     except ImportError as e:
