@@ -109,7 +109,12 @@ class PeftLM(L.LightningModule):
                 quantize_model(model, self.quantize)
             self.method.apply(model)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.x names it activation_checkpointing_enable; both wrap each decoder layer's forward
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         return model
 
