@@ -133,3 +133,18 @@ def test_fsdp_strategy_is_a_data_parallel_model_parallel_strategy() -> None:
     strategy = PeftFSDPStrategy()
     assert strategy._tensor_parallel_size == 1
     assert strategy._save_distributed_checkpoint is False
+
+
+@pytest.mark.parametrize("config", ["qlora", "fsdp", "qlora_fsdp"])
+def test_shipped_configs_parse_and_build_their_strategy(config: str) -> None:
+    from litpeft.cli import LitPeftCLI
+
+    path = Path(__file__).parents[1] / "configs" / f"{config}.yaml"
+    cli = LitPeftCLI(
+        args=["--config", str(path), "--model.init_args.model", "tiny:llama", "--trainer.accelerator", "cpu"],
+        run=False,
+    )
+    assert cli.model.quantize == (None if config == "fsdp" else "nf4")
+    assert cli.model.gradient_checkpointing
+    assert isinstance(cli.trainer.strategy, PeftFSDPStrategy) == (config != "qlora")
+    assert cli.trainer.precision == "bf16-true"
