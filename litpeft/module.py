@@ -234,10 +234,9 @@ class PeftLM(L.LightningModule):
         from litpeft.distributed import full_adapter
 
         tensors, fingerprint = full_adapter(self)  # a collective under FSDP: every rank gathers
+        # trainer.log_dir broadcasts from rank 0 under DDP/FSDP: every rank must ask for it
+        target = Path(self.adapter_dir) if self.adapter_dir else Path(self.trainer.log_dir or ".") / "adapter"
         if self.trainer.is_global_zero:
-            target = (
-                Path(self.adapter_dir) if self.adapter_dir else Path(self.trainer.log_dir or ".") / "adapter"
-            )
             datamodule = getattr(self.trainer, "datamodule", None)
             save_adapter(target, self, getattr(datamodule, "style", None), tensors, fingerprint)
             self.print(f"adapter written to {target}")

@@ -7,9 +7,9 @@ Lightning starts the second process by running this script again. In one launch 
 - ``fsdp``: LoRA on an nf4 base under PeftFSDPStrategy with gradient checkpointing, 4 steps of 2 samples
   per rank, a checkpoint every 2 steps;
 - ``fsdp_resumed``: the same run resumed from its step-2 checkpoint;
-- ``fsdp_int8``: LoRA on an int8 base under PeftFSDPStrategy, 2 steps.
+- ``fsdp_int8``: LoRA on an int8 base under PeftFSDPStrategy, 2 steps, adapter to the default place.
 
-Each writes its adapter to OUT/<name>/adapter.
+Each writes its adapter to OUT/<name>/adapter (the log dir without a logger is OUT/<name>).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def fit(
     gradient_checkpointing: bool = False,
     ckpt_path: str | None = None,
     every_n_steps: int | None = None,
+    adapter_dir: bool = True,
 ) -> None:
     """One fit; shared with the single-process reference runs of the test."""
     L.seed_everything(0)
@@ -50,7 +51,8 @@ def fit(
         method=LoRA(r=4, alpha=8),
         quantize=quantize,
         gradient_checkpointing=gradient_checkpointing,
-        adapter_dir=str(out / name / "adapter"),
+        # None: the default <log_dir>/adapter, which asks every rank for trainer.log_dir (a broadcast)
+        adapter_dir=str(out / name / "adapter") if adapter_dir else None,
     )
     module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
     data = InstructionDataModule(
@@ -86,7 +88,7 @@ def main(out: Path) -> None:
     fit(out, "fsdp", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, every_n_steps=2)
     ckpt = str(out / "fsdp" / "ckpt" / "epoch=0-step=2.ckpt")
     fit(out, "fsdp_resumed", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, ckpt_path=ckpt)
-    fit(out, "fsdp_int8", PeftFSDPStrategy(), 2, 2, 2, "int8")
+    fit(out, "fsdp_int8", PeftFSDPStrategy(), 2, 2, 2, "int8", adapter_dir=False)
 
 
 if __name__ == "__main__":
