@@ -1,12 +1,15 @@
 """Peak memory and step time of a LoRA step in several precisions and quantizations (not a test).
 
     python scripts/benchmark_memory.py                                  # ~1.1B Llama, random weights
-    python scripts/benchmark_memory.py --model smollm2-135m-instruct --modes fp32,bf16-mixed
+    python scripts/benchmark_memory.py --model smollm2-135m-instruct --interleave   # bf16-mixed vs fp32
 
 Each mode runs in a fresh process (so peaks do not mix): build the base, apply LoRA (r 16, all linear
 layers), then ``--steps`` optimizer steps on random tokens. Reported per mode: peak resident memory while
 building, peak resident memory over the training steps (the high-water mark is reset after building,
 ``/proc/self/clear_refs``), parameter bytes, and the median step time after the first step.
+
+``--interleave`` compares the speed of ``32-true`` and ``bf16-mixed`` in one process on one model,
+alternating the two step kinds, so that a machine shared with other jobs slows both alike.
 
 Modes: ``fp32`` (32-true), ``bf16-mixed`` (fp32 weights, bf16 autocast), ``bf16`` (bf16-true: bf16 base,
 fp32 adapter), ``nf4``/``nf4-dq``/``fp4``/``int8`` (quantized base, bf16 compute, fp32 adapter). On CUDA
@@ -114,6 +117,41 @@ def run_one(model_spec: str, mode: str, steps: int, batch: int, seq: int, device
     return result
 
 
+def interleave(model_spec: str, steps: int, batch: int, seq: int) -> dict:
+    """Alternate fp32 and bf16-autocast LoRA steps on one fp32 model; median time of each kind."""
+    import torch
+
+    from litpeft.methods import LoRA
+    from litpeft.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(model_spec, dtype=torch.float32)
+    LoRA(r=16, alpha=32).apply(model)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (batch, seq))
+    times: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
+    for i in range(2 * steps + 2):  # the first pair warms up
+        kind = "bf16-mixed" if i % 2 else "32-true"
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "bf16-mixed"):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times[kind].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "interleave": model_spec,
+        "tokens_per_step": batch * seq,
+        "step_s": {k: [round(x, 2) for x in v] for k, v in times.items()},
+        "median_s": {k: round(v, 2) for k, v in med.items()},
+        "bf16_speedup": round(med["32-true"] / med["bf16-mixed"], 2),
+        "load_average": os.getloadavg(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,8 +163,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
     parser.add_argument("--output", help="append the JSON lines to this file")
+    parser.add_argument("--interleave", action="store_true", help="fp32 vs bf16-mixed speed, alternating")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = parser.parse_args()
+    if args.interleave:
+        line = json.dumps(interleave(args.model, args.steps, args.batch, args.seq))
+        print(line)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(line + "\n")
+        return
     if args.one:
         print(json.dumps(run_one(args.model, args.one, args.steps, args.batch, args.seq, args.device)))
         return
