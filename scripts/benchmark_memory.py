@@ -8,8 +8,8 @@ layers), then ``--steps`` optimizer steps on random tokens. Reported per mode: p
 building, peak resident memory over the training steps (the high-water mark is reset after building,
 ``/proc/self/clear_refs``), parameter bytes, and the median step time after the first step.
 
-``--interleave`` compares the speed of ``32-true`` and ``bf16-mixed`` in one process on one model,
-alternating the two step kinds, so that a machine shared with other jobs slows both alike.
+``--interleave`` compares the speed of ``32-true``, ``bf16-mixed`` and ``bf16-true`` in one process,
+alternating the step kinds, so that a machine shared with other jobs slows them alike.
 
 Modes: ``fp32`` (32-true), ``bf16-mixed`` (fp32 weights, bf16 autocast), ``bf16`` (bf16-true: bf16 base,
 fp32 adapter), ``nf4``/``nf4-dq``/``fp4``/``int8`` (quantized base, bf16 compute, fp32 adapter). On CUDA
@@ -52,6 +52,15 @@ def _status_kb(field: str) -> int:
     return 0
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def run_one(model_spec: str, mode: str, steps: int, batch: int, seq: int, device: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -81,6 +90,7 @@ def run_one(model_spec: str, mode: str, steps: int, batch: int, seq: int, device
     build_s = time.perf_counter() - t0
     gc.collect()
     build_peak = _status_kb("VmHWM")
+    _malloc_trim()  # give the allocator's freed build memory back, or it counts in the training peak
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -118,7 +128,9 @@ def run_one(model_spec: str, mode: str, steps: int, batch: int, seq: int, device
 
 
 def interleave(model_spec: str, steps: int, batch: int, seq: int) -> dict:
-    """Alternate fp32 and bf16-autocast LoRA steps on one fp32 model; median time of each kind."""
+    """Alternate 32-true, bf16-mixed and bf16-true LoRA steps (fp32 adapters); median time of each."""
+    import copy
+
     import torch
 
     from litpeft.methods import LoRA
@@ -128,18 +140,27 @@ def interleave(model_spec: str, steps: int, batch: int, seq: int) -> dict:
     model = load_model(model_spec, dtype=torch.float32)
     LoRA(r=16, alpha=32).apply(model)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    half = copy.deepcopy(model)
+    for p in half.parameters():
+        if not p.requires_grad:  # bf16-true: the base in bf16, the adapter kept fp32 (as PeftLM does)
+            p.data = p.data.bfloat16()
+    _malloc_trim()
+    kinds = {"32-true": (model, False), "bf16-mixed": (model, True), "bf16-true": (half, False)}
+    opts = {
+        id(m): torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0) for m in (model, half)
+    }
     ids = torch.randint(0, model.get_input_embeddings().weight.shape[0], (batch, seq))
-    times: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
-    for i in range(2 * steps + 2):  # the first pair warms up
-        kind = "bf16-mixed" if i % 2 else "32-true"
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for i in range(len(kinds) * (steps + 1)):  # the first round warms up
+        kind = list(kinds)[i % len(kinds)]
+        m, autocast = kinds[kind]
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "bf16-mixed"):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= 2:
+        opts[id(m)].step()
+        opts[id(m)].zero_grad(set_to_none=True)
+        if i >= len(kinds):
             times[kind].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
@@ -147,7 +168,7 @@ def interleave(model_spec: str, steps: int, batch: int, seq: int) -> dict:
         "tokens_per_step": batch * seq,
         "step_s": {k: [round(x, 2) for x in v] for k, v in times.items()},
         "median_s": {k: round(v, 2) for k, v in med.items()},
-        "bf16_speedup": round(med["32-true"] / med["bf16-mixed"], 2),
+        "speedup_vs_32_true": {k: round(med["32-true"] / v, 2) for k, v in med.items()},
         "load_average": os.getloadavg(),
     }
 
@@ -163,7 +184,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
     parser.add_argument("--output", help="append the JSON lines to this file")
-    parser.add_argument("--interleave", action="store_true", help="fp32 vs bf16-mixed speed, alternating")
+    parser.add_argument(
+        "--interleave", action="store_true", help="32-true vs bf16-mixed vs bf16-true speed, alternating"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = parser.parse_args()
     if args.interleave:
