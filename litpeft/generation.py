@@ -82,9 +82,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of predictions equal to their reference after whitespace normalization."""
     if not references:
         return float("nan")
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(
-        references
-    )
+    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
 def split_for_generation(samples: Sequence[list[Message]]) -> tuple[list[list[Message]], list[str]]:

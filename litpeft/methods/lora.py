@@ -168,10 +168,8 @@ class LoRA(PeftMethod):
             if isinstance(module, LoRALinear):
                 base = module.base_layer
                 weight = module.merged_weight()
-                if base.weight.dtype != weight.dtype or type(base) not in (
-                    nn.Linear,
-                    Conv1D,
-                ):  # e.g. quantized
+                # a subclass (e.g. litpeft.quantize.QuantizedLinear) is replaced by a plain layer
+                if base.weight.dtype != weight.dtype or type(base) not in (nn.Linear, Conv1D):
                     base = _plain_like(base, weight)
                 else:
                     base.weight.data.copy_(weight)
