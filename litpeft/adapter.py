@@ -7,6 +7,7 @@ adapter.yaml          base model spec and fingerprint, method (class_path + init
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,20 +23,48 @@ from litpeft.errors import LitPeftError
 from litpeft.methods import PeftMethod, method_from_config
 from litpeft.models import load_model, load_tokenizer
 
+log = logging.getLogger(__name__)
+
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter.yaml"
 
 
-def base_fingerprint(model: PreTrainedModel) -> str:
-    """A short hash of the base model's input embedding: tells one base checkpoint from another."""
-    emb = model.get_input_embeddings().weight.detach()
-    sample = emb.flatten()[:65536].float().cpu().numpy().tobytes()
-    return f"{model.config.model_type}-{tuple(emb.shape)}-" + hashlib.sha256(sample).hexdigest()[:12]
+FINGERPRINT_ELEMENTS = 65536
 
 
-def save_adapter(directory: str | Path, module: Any, style: PromptStyle | None = None) -> Path:
-    """Write a ``PeftLM``'s adapter (its method's tensors and config) to ``directory``."""
-    tensors = module.method.adapter_state_dict(module.model)
-    return write_adapter(directory, module.model_spec, module.model, module.method, tensors, style)
+def base_fingerprint(model: PreTrainedModel, embedding: torch.Tensor | None = None) -> str:
+    """A short hash of the base model's input embedding: tells one base checkpoint from another.
+
+    ``embedding``: the table's leading rows when the model's own is sharded (see litpeft.distributed).
+    """
+    weight = model.get_input_embeddings().weight
+    emb = weight.detach() if embedding is None else embedding
+    sample = emb.flatten()[:FINGERPRINT_ELEMENTS].float().cpu().numpy().tobytes()
+    return f"{model.config.model_type}-{tuple(weight.shape)}-" + hashlib.sha256(sample).hexdigest()[:12]
+
+
+def save_adapter(
+    directory: str | Path,
+    module: Any,
+    style: PromptStyle | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+    fingerprint: str | None = None,
+) -> Path:
+    """Write a ``PeftLM``'s adapter (its method's tensors and config) to ``directory``.
+
+    ``tensors``/``fingerprint``: already gathered full tensors when the model is sharded (FSDP).
+    """
+    if tensors is None:
+        tensors = module.method.adapter_state_dict(module.model)
+    return write_adapter(
+        directory,
+        module.model_spec,
+        module.model,
+        module.method,
+        tensors,
+        style,
+        fingerprint=fingerprint,
+        quantize=getattr(module, "quantize", None),
+    )
 
 
 def write_adapter(
@@ -45,6 +74,8 @@ def write_adapter(
     method: PeftMethod,
     tensors: dict[str, torch.Tensor],
     style: PromptStyle | None = None,
+    fingerprint: str | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write ``tensors`` of ``method`` as an adapter of the base ``base_spec`` (``model`` is that base)."""
     directory = Path(directory)
@@ -55,9 +86,10 @@ def write_adapter(
     tmp.replace(directory / WEIGHTS)
     meta = {
         "base_model": base_spec,
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": fingerprint or base_fingerprint(model),
         "method": method.config(),
         "prompt_style": style_name(style) if style is not None else None,
+        "quantize": quantize,
         "trainable_parameters": sum(v.numel() for v in tensors.values()),
     }
     (directory / CONFIG).write_text(yaml.safe_dump(meta, sort_keys=False))
@@ -111,6 +143,15 @@ def load_adapter(
             f"'{spec}' (fingerprint {meta['base_fingerprint']} vs {base_fingerprint(base)}); "
             "--allow_other_base true uses it anyway"
         )
+    if meta.get("quantize"):
+        from litpeft.quantize import quantize_model
+
+        log.info(
+            "adapter trained on a %s-quantized base: quantizing the base the same way (merging then writes "
+            "dequantized 16/32-bit weights, not a quantized model)",
+            meta["quantize"],
+        )
+        quantize_model(base, meta["quantize"])
     method = method_from_config(meta["method"])
     method.apply(base)
     method.load_adapter_state_dict(base, weights)

@@ -224,9 +224,24 @@ def load_model(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    meta: bool = False,
 ) -> PreTrainedModel:
-    """The causal LM for a spec, in ``dtype`` (default: float32), in eval mode with frozen weights."""
-    if spec.startswith("tiny:"):
+    """The causal LM for a spec, in ``dtype`` (default: float32), in eval mode with frozen weights.
+
+    ``meta=True`` builds the same architecture on the meta device without reading any weight (each FSDP
+    rank but the first does so; the weights then come from rank 0, see :mod:`litpeft.distributed`).
+    """
+    if meta:
+        with torch.device("meta"):
+            if spec.startswith("tiny:"):
+                model = _tiny_model(spec.split(":", 1)[1], tokenizer or tiny_tokenizer())
+            else:
+                config = AutoConfig.from_pretrained(
+                    resolve_spec(spec), local_files_only=True, trust_remote_code=trust_remote_code
+                )
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = model.to(dtype or torch.float32)
+    elif spec.startswith("tiny:"):
         model = _tiny_model(spec.split(":", 1)[1], tokenizer or tiny_tokenizer())
         if dtype is not None:
             model = model.to(dtype)

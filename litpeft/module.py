@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,21 @@ from transformers import PreTrainedModel
 from litpeft.data.collate import IGNORE_INDEX
 from litpeft.methods import LoRA, PeftMethod
 from litpeft.models import describe, load_model, load_tokenizer
+from litpeft.quantize import QuantMode, check_mode, quantize_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 class PeftLM(L.LightningModule):
@@ -29,6 +42,9 @@ class PeftLM(L.LightningModule):
         model: model spec (see :mod:`litpeft.models`): ``smollm2-135m-instruct``, a directory, a ``.gguf``
             file, a cached hub id, or ``tiny:<arch>``.
         method: the PEFT method, e.g. ``{class_path: LoRA, init_args: {r: 16}}``.
+        quantize: load the frozen base quantized (QLoRA and friends): ``nf4``, ``nf4-dq`` (double
+            quantization), ``fp4`` or ``int8``; needs ``pip install 'litpeft[quant]'``. See
+            :mod:`litpeft.quantize`.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         trust_remote_code: allow code from the model directory to run (off by default).
         adapter_dir: where ``fit`` writes the final adapter; default ``<log_dir>/adapter``.
@@ -38,12 +54,14 @@ class PeftLM(L.LightningModule):
         self,
         model: str = "smollm2-135m-instruct",
         method: PeftMethod = lazy_instance(LoRA),
+        quantize: QuantMode | None = None,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.model_spec, self.method = model, method
+        check_mode(quantize)
+        self.model_spec, self.method, self.quantize = model, method, quantize
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
         self.adapter_dir = adapter_dir
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
@@ -58,14 +76,11 @@ class PeftLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = load_model(
-            self.model_spec, trust_remote_code=self.trust_remote_code, tokenizer=self.tokenizer
-        )
-        self.method.apply(self.model)
+        from litpeft.distributed import data_parallel_mesh, shard_model
+
+        mesh = data_parallel_mesh(self)  # set only under PeftFSDPStrategy
+        self.model = self.build_model() if mesh is None else shard_model(self.build_model, mesh)
         self.model.train()  # dropout as in ordinary fine-tuning; load_model returns eval mode
-        if self.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False
         info = describe(self.model)
         log.info(
             "%s with %s: %s trainable of %s parameters (%.3f%%)",
@@ -75,6 +90,51 @@ class PeftLM(L.LightningModule):
             f"{info['parameters']:,}",
             100 * info["trainable"] / info["parameters"],
         )
+
+    def build_model(self, meta: bool = False) -> PreTrainedModel:
+        """The frozen base (in the precision's dtype, quantized if asked) with the method applied.
+
+        The method's tensors are created in fp32 whatever the precision: under ``bf16-true`` only the
+        frozen base is bf16, the adapter keeps fp32 weights (and AdamW fp32 states) and is cast at use.
+        """
+        with _default_dtype(torch.float32):
+            model = load_model(
+                self.model_spec,
+                dtype=self.base_dtype(),
+                trust_remote_code=self.trust_remote_code,
+                tokenizer=self.tokenizer,
+                meta=meta,
+            )
+            if self.quantize:
+                quantize_model(model, self.quantize)
+            self.method.apply(model)
+        if self.gradient_checkpointing:
+            # transformers >= 5.x names it activation_checkpointing_enable; both wrap each decoder layer's forward
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        return model
+
+    def base_dtype(self) -> torch.dtype:
+        """fp32, unless the trainer runs ``bf16-true`` or ``16-true`` (then the base is loaded in that dtype)."""
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PeftLM:
+        # Lightning's *-true precision plugins cast the whole module (``module.to(bf16)``); the trainable
+        # tensors keep fp32 (mixed-precision master weights): they move between devices, never down in dtype.
+        keep = {id(p) for p in self.parameters() if p.requires_grad and p.dtype == torch.float32}
+        if not keep:
+            return super()._apply(fn, recurse)
+
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(device=out.device) if id(t) in keep and out.dtype != t.dtype else out
+
+        return super()._apply(move_only, recurse)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -89,17 +149,21 @@ class PeftLM(L.LightningModule):
         """Mean next-token loss and accuracy over tokens whose label is not -100, and their count.
 
         The LM head runs only at positions that carry loss: instruction data masks most tokens, and
-        the head is a large share of a small model's FLOPs.
+        the head is a large share of a small model's FLOPs. The call goes through the whole model (with no
+        logits kept) rather than its ``base_model``, so that FSDP's root unit gathers its parameters.
         """
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
-        # A packed batch has position_ids that restart at each sample and no attention_mask.
-        hidden = self.model.base_model(
+        # The whole model is called (not its backbone) so that FSDP unshards the root's embedding and head;
+        # no logits are computed there. A packed batch has position_ids restarting at each sample.
+        hidden = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             use_cache=False,
-        ).last_hidden_state[:, :-1]
+            logits_to_keep=torch.zeros(0, dtype=torch.long, device=labels.device),
+            output_hidden_states=[-1],
+        ).hidden_states[-1][:, :-1]
         logits = self.model.get_output_embeddings()(hidden[keep])
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:
@@ -170,13 +234,14 @@ class PeftLM(L.LightningModule):
 
     def on_fit_end(self) -> None:
         from litpeft.adapter import save_adapter
+        from litpeft.distributed import full_adapter
 
         if any(getattr(c, "preempted", False) for c in self.trainer.callbacks):
             return  # stopped for a requeue: the run is not finished, its resume checkpoint is what counts
+        tensors, fingerprint = full_adapter(self)  # a collective under FSDP: every rank gathers
+        # trainer.log_dir broadcasts from rank 0 under DDP/FSDP: every rank must ask for it
+        target = Path(self.adapter_dir) if self.adapter_dir else Path(self.trainer.log_dir or ".") / "adapter"
         if self.trainer.is_global_zero:
-            target = (
-                Path(self.adapter_dir) if self.adapter_dir else Path(self.trainer.log_dir or ".") / "adapter"
-            )
             datamodule = getattr(self.trainer, "datamodule", None)
-            save_adapter(target, self, getattr(datamodule, "style", None))
+            save_adapter(target, self, getattr(datamodule, "style", None), tensors, fingerprint)
             self.print(f"adapter written to {target}")

@@ -168,7 +168,8 @@ class LoRA(PeftMethod):
             if isinstance(module, LoRALinear):
                 base = module.base_layer
                 weight = module.merged_weight()
-                if base.weight.dtype != weight.dtype or not isinstance(base, (nn.Linear, Conv1D)):
+                # a subclass (e.g. litpeft.quantize.QuantizedLinear) is replaced by a plain layer
+                if base.weight.dtype != weight.dtype or type(base) not in (nn.Linear, Conv1D):
                     base = _plain_like(base, weight)
                 else:
                     base.weight.data.copy_(weight)

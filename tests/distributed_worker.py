@@ -1,0 +1,95 @@
+"""Run by tests/test_distributed.py as ``python tests/distributed_worker.py OUT`` (not a test module).
+
+Lightning starts the second process by running this script again. In one launch of 2 CPU processes
+(gloo) it trains, each time from the same seed, on the equal-length data the test wrote to OUT/data:
+
+- ``ddp``: LoRA under DDP, 2 steps of 2 samples per rank;
+- ``fsdp``: LoRA on an nf4 base under PeftFSDPStrategy with gradient checkpointing, 4 steps of 2 samples
+  per rank, a checkpoint every 2 steps;
+- ``fsdp_resumed``: the same run resumed from its step-2 checkpoint;
+- ``fsdp_int8``: LoRA on an int8 base under PeftFSDPStrategy, 2 steps, adapter to the default place.
+
+Each writes its adapter to OUT/<name>/adapter (the log dir without a logger is OUT/<name>).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from litpeft.data import InstructionDataModule  # noqa: E402
+from litpeft.distributed import PeftFSDPStrategy  # noqa: E402
+from litpeft.methods import LoRA  # noqa: E402
+from litpeft.module import PeftLM  # noqa: E402
+
+LR = 1e-2
+
+
+def fit(
+    out: Path,
+    name: str,
+    strategy: object,
+    devices: int,
+    batch_size: int,
+    max_steps: int,
+    quantize: str | None = None,
+    gradient_checkpointing: bool = False,
+    ckpt_path: str | None = None,
+    every_n_steps: int | None = None,
+    adapter_dir: bool = True,
+) -> None:
+    """One fit; shared with the single-process reference runs of the test."""
+    L.seed_everything(0)
+    module = PeftLM(
+        "tiny:llama",
+        method=LoRA(r=4, alpha=8),
+        quantize=quantize,
+        gradient_checkpointing=gradient_checkpointing,
+        # None: the default <log_dir>/adapter, which asks every rank for trainer.log_dir (a broadcast)
+        adapter_dir=str(out / name / "adapter") if adapter_dir else None,
+    )
+    module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
+    data = InstructionDataModule(
+        train_file=str(out / "data" / "train.jsonl"),
+        val_file=str(out / "data" / "val.jsonl"),
+        batch_size=batch_size,
+    )
+    callbacks = []
+    if every_n_steps:
+        callbacks.append(
+            ModelCheckpoint(dirpath=out / name / "ckpt", every_n_train_steps=every_n_steps, save_top_k=-1)
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(every_n_steps),
+        callbacks=callbacks,
+        num_sanity_val_steps=1,  # an eval-mode no-grad pass before training (the bitsandbytes CPU trap)
+        limit_val_batches=1,
+        val_check_interval=2,
+        default_root_dir=str(out / name),
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+
+def main(out: Path) -> None:
+    fit(out, "ddp", "ddp", 2, 2, 2)
+    fit(out, "fsdp", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, every_n_steps=2)
+    ckpt = str(out / "fsdp" / "ckpt" / "epoch=0-step=2.ckpt")
+    fit(out, "fsdp_resumed", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, ckpt_path=ckpt)
+    fit(out, "fsdp_int8", PeftFSDPStrategy(), 2, 2, 2, "int8", adapter_dir=False)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
