@@ -131,7 +131,7 @@ class VirtualTokens(nn.Module, PeftLayer):
             return (strip(output[0]), *output[1:])
         output.last_hidden_state = strip(output.last_hidden_state)
         if getattr(output, "hidden_states", None) is not None:
-            output.hidden_states = tuple(strip(h) for h in output.hidden_states)
+            output.hidden_states = tuple(None if h is None else strip(h) for h in output.hidden_states)
         return output
 
     # -- layout -------------------------------------------------------------------------------------------
