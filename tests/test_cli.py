@@ -85,7 +85,7 @@ def test_user_subclass_by_class_path(tmp_path: Path, word_data: Path) -> None:
         (["--model.method.class_path", "NoSuchMethod"], "unknown class 'NoSuchMethod'"),
         (["--model.model", "./no/such/model"], "model path './no/such/model' does not exist"),
         (["--data.train_file", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
-        (["--data.train_file", "BAD"], "BAD_PATH:2: missing or empty field 'output'"),
+        (["--data.train_file", "BAD"], "BAD_PATH:2: field 'output' is missing or empty"),
         (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz"),
     ],
 )
