@@ -7,7 +7,8 @@ Lightning starts the second process by running this script again. In one launch 
 - ``fsdp``: LoRA on an nf4 base under PeftFSDPStrategy with gradient checkpointing, 4 steps of 2 samples
   per rank, a checkpoint every 2 steps;
 - ``fsdp_resumed``: the same run resumed from its step-2 checkpoint;
-- ``fsdp_int8``: LoRA on an int8 base under PeftFSDPStrategy, 2 steps, adapter to the default place.
+- ``fsdp_int8``: LoRA on an int8 base under PeftFSDPStrategy, 2 steps, adapter to the default place;
+- ``fsdp_<method>``: every other method (``METHODS``) under PeftFSDPStrategy, 2 steps.
 
 Each writes its adapter to OUT/<name>/adapter (the log dir without a logger is OUT/<name>).
 """
@@ -15,6 +16,7 @@ Each writes its adapter to OUT/<name>/adapter (the log dir without a logger is O
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -25,10 +27,32 @@ sys.path.insert(0, str(ROOT))
 
 from litpeft.data import InstructionDataModule  # noqa: E402
 from litpeft.distributed import PeftFSDPStrategy  # noqa: E402
-from litpeft.methods import LoRA  # noqa: E402
+from litpeft.methods import (  # noqa: E402
+    HoulsbyAdapter,
+    LlamaAdapter,
+    LlamaAdapterV2,
+    LoRA,
+    PeftMethod,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    PTuningV2,
+)
 from litpeft.module import PeftLM  # noqa: E402
 
 LR = 1e-2
+
+#: Every method besides LoRA, trained under FSDP in the same launch and compared with one process.
+METHODS: dict[str, Callable[[], PeftMethod]] = {
+    "lora": lambda: LoRA(r=4, alpha=8),
+    "prompt_tuning": lambda: PromptTuning(num_virtual_tokens=3),
+    "p_tuning": lambda: PTuning(num_virtual_tokens=3, encoder="mlp"),
+    "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=3),
+    "p_tuning_v2": lambda: PTuningV2(num_virtual_tokens=3),
+    "houlsby": lambda: HoulsbyAdapter(bottleneck_size=8, init="zero_up"),
+    "llama_adapter": lambda: LlamaAdapter(adapter_len=3, adapter_layers=2),
+    "llama_adapter_v2": lambda: LlamaAdapterV2(adapter_len=3, adapter_layers=2),
+}
 
 
 def fit(
@@ -43,12 +67,13 @@ def fit(
     ckpt_path: str | None = None,
     every_n_steps: int | None = None,
     adapter_dir: bool = True,
+    method: str = "lora",
 ) -> None:
     """One fit; shared with the single-process reference runs of the test."""
     L.seed_everything(0)
     module = PeftLM(
         "tiny:llama",
-        method=LoRA(r=4, alpha=8),
+        method=METHODS[method](),
         quantize=quantize,
         gradient_checkpointing=gradient_checkpointing,
         # None: the default <log_dir>/adapter, which asks every rank for trainer.log_dir (a broadcast)
@@ -89,6 +114,9 @@ def main(out: Path) -> None:
     ckpt = str(out / "fsdp" / "ckpt" / "epoch=0-step=2.ckpt")
     fit(out, "fsdp_resumed", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, ckpt_path=ckpt)
     fit(out, "fsdp_int8", PeftFSDPStrategy(), 2, 2, 2, "int8", adapter_dir=False)
+    for name in METHODS:
+        if name != "lora":
+            fit(out, f"fsdp_{name}", PeftFSDPStrategy(), 2, 2, 2, method=name)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from litpeft.models import load_model, tiny_tokenizer
 from litpeft.module import PeftLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_worker import fit  # noqa: E402
+from distributed_worker import METHODS, fit  # noqa: E402
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
@@ -72,6 +72,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fit(out, "single_lora", "auto", 1, 4, 2)
     fit(out, "single_nf4", "auto", 1, 4, 4, "nf4")
     fit(out, "single_int8", "auto", 1, 4, 2, "int8")
+    for name in METHODS:
+        if name != "lora":
+            fit(out, f"single_{name}", "auto", 1, 4, 2, method=name)
     return out
 
 
@@ -90,6 +93,13 @@ def test_qlora_fsdp_with_gradient_checkpointing_equals_one_process(runs: Path) -
 @pytest.mark.slow
 def test_int8_base_shards_under_fsdp(runs: Path) -> None:
     assert_same_adapter(adapter(runs, "fsdp_int8"), adapter(runs, "single_int8"), atol=2e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])
+def test_every_method_under_fsdp_equals_one_process(runs: Path, method: str) -> None:
+    single = adapter(runs, f"single_{method}")
+    assert_same_adapter(adapter(runs, f"fsdp_{method}"), single, atol=2e-4)
 
 
 @pytest.mark.slow
