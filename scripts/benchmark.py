@@ -321,6 +321,7 @@ def run_litpeft(cfg: dict[str, Any], timer: StepTimer) -> dict[str, Any]:
         )
         if cfg.get("compile"):
             _compile_litpeft(module, cfg)
+        _ablate(module, cfg.get("ablate", []))
         train, val = demo_files(cfg["data"])
         dm = InstructionDataModule(train_file=train, val_file=val, batch_size=BATCH_SIZE, seed=SEED)
         trainer = L.Trainer(
@@ -341,6 +342,35 @@ def run_litpeft(cfg: dict[str, Any], timer: StepTimer) -> dict[str, Any]:
         model = module.model
         n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"model": model, "n_trainable": n_lora, "head": "loss"}
+
+
+def _lora_forward_before(self: Any, x: Any) -> Any:
+    """``LoRALinear.forward`` before the speed work (for the ablation rows): autocast casts the input
+    for the base layer and again for ``lora_A``, a bf16 input is first pulled back to fp32, and the
+    scaling multiplies the full output."""
+    result = self.base_layer(x)
+    if self.disabled or self.merged:
+        return result
+    lora = self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype))) * self.scaling
+    return result + lora.to(result.dtype)
+
+
+def _ablate(module: Any, ablate: list[str]) -> None:
+    """Undo speed changes for a before/after comparison: ``cpu_sdpa`` (attention back to transformers'
+    sdpa in the compute dtype), ``lora_forward`` (LoRALinear's forward as it was before)."""
+    if "lora_forward" in ablate:
+        from litpeft.methods.lora import LoRALinear
+
+        LoRALinear.forward = _lora_forward_before
+    if "cpu_sdpa" in ablate:
+        original = module.configure_model
+
+        def configure_model() -> None:
+            original()
+            if module.model.config._attn_implementation == "litpeft_cpu_sdpa":
+                module.model.set_attn_implementation("sdpa")
+
+        module.configure_model = configure_model
 
 
 def _compile_litpeft(module: Any, cfg: dict[str, Any]) -> None:
@@ -495,6 +525,7 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
         **{k: v for k, v in cfg.items() if k != "threads"},
         "step_s_median": statistics.median(times),
         "step_s": times,
+        "warmup_step_s": timer.times[:w],
         "cpu_s_median": statistics.median(timer.cpu[w:]),
         "tokens_per_s": sum(tokens) / secs,
         "loss_tokens_per_s": sum(loss_tokens) / secs,
@@ -618,9 +649,9 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     runners = ["litpeft", "peft"] + (["trainer"] if args.trainer else [])
     cfgs: list[dict[str, Any]] = []
-    for precision in args.precisions:
+    for i, precision in enumerate(args.precisions):
         for repeat in range(args.repeats):
-            for runner in runners if repeat == 0 else ["litpeft", "peft"]:
+            for runner in runners if repeat == 0 and i == 0 else ["litpeft", "peft"]:
                 cfgs.append(
                     {
                         **base,
@@ -662,9 +693,22 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "repeat": 0,
                 "table": "methods",
             }
-            if why and runner == "litpeft":
-                cfg["error"] = why
+            if why:
+                cfg["error"] = why if runner == "litpeft" else "not run: litpeft has no counterpart here"
             cfgs.append(cfg)
+    if args.ablation:
+        for ablate in (["cpu_sdpa", "lora_forward"], ["cpu_sdpa"]):
+            cfgs.append(
+                {
+                    **base,
+                    "runner": "litpeft",
+                    "method": "lora",
+                    "precision": "bf16-mixed",
+                    "ablate": ablate,
+                    "repeat": 0,
+                    "table": "ablation",
+                }
+            )
     if args.long:
         for runner in ["litpeft", "peft"]:
             cfgs.append(
@@ -718,7 +762,7 @@ def _has_quantize() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="measured steps per configuration")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
     parser.add_argument("--repeats", type=int, default=1, help="litpeft/peft pairs per precision")
     parser.add_argument("--precisions", nargs="+", default=["bf16-mixed", "32-true"])
@@ -730,7 +774,12 @@ def main() -> None:
         "--no-trainer", dest="trainer", action="store_false", help="skip transformers' Trainer"
     )
     parser.add_argument("--no-large", dest="large", action="store_false", help="skip the 0.5B random Llama")
-    parser.add_argument("--no-long", dest="long", action="store_false", help="skip the long-sample variant")
+    parser.add_argument(
+        "--long", action="store_true", help="also the long-sample variant (8 rows per sample)"
+    )
+    parser.add_argument(
+        "--no-ablation", dest="ablation", action="store_false", help="skip litpeft without its speed changes"
+    )
     parser.add_argument("--compile", action="store_true", help="also litpeft with torch.compile")
     parser.add_argument(
         "--only", nargs="*", default=None, help="tables to run: main precision methods shapes compile"
@@ -765,7 +814,8 @@ def main() -> None:
     for cfg in cfgs:
         res = cfg if "error" in cfg else spawn(cfg, args.timeout)
         res["load_after"] = load_average()
-        loads.append(res["load_after"])
+        if "step_s" in res:
+            loads.append(res["load_after"])
         results.append(res)
         print(_summary(res, peaks), flush=True)
     peaks_after = {"fp32": matmul_peak("fp32"), "bf16": matmul_peak("bf16")}
@@ -791,6 +841,7 @@ def _peak_for(res: dict[str, Any], peaks: dict[str, float]) -> float:
 
 def _summary(res: dict[str, Any], peaks: dict[str, float]) -> str:
     name = f"{res['runner']:8s} {res['method']:16s} {res['precision']:10s} {res['model']:22s} {res['data']}"
+    name += f" without {'+'.join(res['ablate'])}" if res.get("ablate") else ""
     if "error" in res:
         return f"{name}  {res['error']}"
     mfu = res["model_flops_per_s"] / _peak_for(res, peaks)
@@ -812,6 +863,7 @@ RUNNER_NAMES = {
 def _row(res: dict[str, Any], peaks: dict[str, float]) -> list[str]:
     label = RUNNER_NAMES[res["runner"]] + (" + torch.compile" if res.get("compile") else "")
     label += " [nf4]" if res.get("quantize") else ""
+    label += f" without {' + '.join(res['ablate'])}" if res.get("ablate") else ""
     head = [
         res["method"],
         label,
@@ -819,12 +871,13 @@ def _row(res: dict[str, Any], peaks: dict[str, float]) -> list[str]:
         res["model"] + ("" if res["data"] == "demo" else f" ({res['data']})"),
     ]
     if "error" in res:
-        return head + [res["error"], "", "", "", "", ""]
+        return head + [res["error"], "", "", "", "", "", ""]
     mfu = res["model_flops_per_s"] / _peak_for(res, peaks)
     return head + [
         f"{res['tokens_per_s']:.0f}",
         f"{res['loss_tokens_per_s']:.1f}",
         f"{res['step_s_median']:.2f}",
+        f"{res['cpu_s_median']:.2f}",
         f"{res['peak_rss_mb']:.0f}",
         f"{100 * mfu:.1f}%",
         res.get("load_after", ""),
@@ -840,6 +893,7 @@ def _table(rows: list[list[str]]) -> str:
         "tokens/s",
         "loss tokens/s",
         "median step (s)",
+        "median CPU s/step",
         "peak RSS (MiB)",
         "MFU",
         "load avg after",
@@ -853,13 +907,22 @@ def _pairs(results: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str
     out = []
     keys = ("method", "precision", "model", "data", "repeat", "table")
     for lit in results:
-        if lit["runner"] != "litpeft" or "error" in lit or lit.get("compile") or lit.get("quantize"):
+        if (
+            lit["runner"] != "litpeft"
+            or "error" in lit
+            or lit.get("compile")
+            or lit.get("quantize")
+            or lit.get("ablate")
+        ):
             continue
         for other in results:
             if other["runner"] == "peft" and "error" not in other and all(other[k] == lit[k] for k in keys):
                 out.append((lit, other))
                 break
     return out
+
+
+NOTES_MARK = "<!-- notes below are kept when scripts/benchmark.py rewrites this page -->"
 
 
 def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path) -> None:
@@ -873,7 +936,9 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
         f"- date: {meta['date']}, {meta['minutes']:.1f} minutes",
         f"- machine: {meta['machine']}",
         "- versions: " + ", ".join(f"{k} {v[k]}" for k in v),
-        f"- load average (1/5/15 min) before and after each configuration: {', '.join(meta['loads'])}",
+        f"- load average (1/5/15 min): {meta['loads'][0]} at the start, {meta['loads'][-1]} at the end; "
+        f"1-minute load after each configuration between {min(float(x.split()[0]) for x in meta['loads']):.2f} "
+        f"and {max(float(x.split()[0]) for x in meta['loads']):.2f} (per row in the tables)",
         f"- matmul peak measured by the script: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
         f"{peaks['bf16'] / 1e9:.0f} GFLOP/s at the start; fp32 {meta['peaks_after']['fp32'] / 1e9:.0f}, "
         f"bf16 {meta['peaks_after']['bf16'] / 1e9:.0f} at the end",
@@ -896,13 +961,23 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
             lines.append(f"- {res['method']}: {res['error']}")
     sections = [
         ("LoRA on SmolLM2-135M-Instruct, demo data", "main"),
-        ("Precision (LoRA)", "precision"),
+        ("Precision (LoRA; 32-true and bf16-mixed rows repeated from above)", "precision"),
+        ("litpeft without its speed changes (LoRA, bf16-mixed): before/after", "ablation"),
         ("Other methods (bf16-mixed)", "methods"),
         ("Larger shapes (LoRA, bf16-mixed)", "shapes"),
         ("torch.compile", "compile"),
     ]
     for title, key in sections:
-        rows = [_row(r, peaks) for r in results if r["table"] == key]
+        chosen = [r for r in results if r["table"] == key]
+        if key == "precision" and chosen:
+            chosen = [r for r in results if r["table"] == "main" and r["repeat"] == 0] + chosen
+        if key == "ablation" and chosen:
+            chosen = [
+                r
+                for r in results
+                if r["table"] == "main" and r["runner"] == "litpeft" and r["precision"] == "bf16-mixed"
+            ][:1] + chosen
+        rows = [_row(r, peaks) for r in chosen]
         if rows:
             lines += ["", f"## {title}", "", _table(rows)]
     lines += [
@@ -911,6 +986,8 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
         "",
         "- tokens/s: real (non-padding) tokens of the measured steps over their summed wall time; "
         "loss tokens/s: the tokens whose next-token loss is computed (the responses).",
+        "- median CPU s/step: CPU time of the worker process per step (all its threads); less sensitive to "
+        "other processes on the machine than wall time, so a check on the wall-time figures under load.",
         "- peak RSS: `VmHWM` of the process that ran the configuration (each runs in a fresh process: "
         "imports, model, data and training together).",
         "- MFU: model FLOPs per second over the measured matmul peak in the compute dtype (fp32 for "
@@ -922,7 +999,11 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
         "transformers + peft. The FLOPs are those each implementation does, so peft's work on "
         "positions without loss counts as work.",
     ]
-    (out / "benchmark.md").write_text("\n".join(lines) + "\n")
+    page = out / "benchmark.md"
+    notes = ""
+    if page.is_file() and NOTES_MARK in page.read_text():
+        notes = page.read_text().split(NOTES_MARK, 1)[1]
+    page.write_text("\n".join(lines) + "\n\n" + NOTES_MARK + notes)
     write_svg(results, out / "benchmark.svg")
 
 
