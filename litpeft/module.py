@@ -140,14 +140,31 @@ class PeftLM(L.LightningModule):
         accuracy = (logits.argmax(-1) == target).float().mean()
         return loss, accuracy, int(target.numel())
 
+    #: Drop the attention mask of a right-padded batch (see :meth:`without_padding_mask`).
+    drop_padding_mask: bool = True
+
+    def without_padding_mask(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch without its attention mask when the mask only marks right padding.
+
+        Under causal attention no real token sees a padding token to its right, so the mask changes
+        nothing at positions that carry loss, and without it attention takes the plain causal path
+        (on the CPU about a third faster for this model's shapes; see docs/benchmark.md).
+        """
+        mask = batch.get("attention_mask")
+        if not self.drop_padding_mask or mask is None or mask.dim() != 2:
+            return batch
+        if not bool((mask[:, 1:] <= mask[:, :-1]).all() and mask[:, 0].all()):
+            return batch  # left padding or holes: the mask matters
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, acc, n = self.loss_and_accuracy(batch)
+        loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/token_acc", acc, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, acc, n = self.loss_and_accuracy(batch)
+        loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))
         self.val_loss.update(loss, weight=n)
         self.val_acc.update(acc, weight=n)
 

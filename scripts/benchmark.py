@@ -357,11 +357,14 @@ def _lora_forward_before(self: Any, x: Any) -> Any:
 
 def _ablate(module: Any, ablate: list[str]) -> None:
     """Undo speed changes for a before/after comparison: ``cpu_sdpa`` (attention back to transformers'
-    sdpa in the compute dtype), ``lora_forward`` (LoRALinear's forward as it was before)."""
+    sdpa in the compute dtype), ``lora_forward`` (LoRALinear's forward as it was before),
+    ``padding_mask`` (keep the attention mask of right-padded batches)."""
     if "lora_forward" in ablate:
         from litpeft.methods.lora import LoRALinear
 
         LoRALinear.forward = _lora_forward_before
+    if "padding_mask" in ablate:
+        module.drop_padding_mask = False
     if "cpu_sdpa" in ablate:
         original = module.configure_model
 
@@ -697,7 +700,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cfg["error"] = why if runner == "litpeft" else "not run: litpeft has no counterpart here"
             cfgs.append(cfg)
     if args.ablation:
-        for ablate in (["cpu_sdpa", "lora_forward"], ["cpu_sdpa"]):
+        for ablate in (["cpu_sdpa", "lora_forward", "padding_mask"],):
             cfgs.append(
                 {
                     **base,

@@ -154,3 +154,22 @@ def test_configure_model_uses_cpu_attention_with_the_same_logits() -> None:
         theirs = module.model(input_ids=ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(ours[real].float(), theirs[real].float(), rtol=3e-2, atol=3e-2)
+
+
+def test_right_padding_mask_is_dropped_with_the_same_loss() -> None:
+    """A right-padded batch trains without its mask; the loss equals transformers' full loss with it."""
+    module = _module()
+    module.configure_model()
+    ids = torch.randint(0, 250, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    assert "attention_mask" not in module.without_padding_mask(batch)
+    loss, _, _ = module.loss_and_accuracy(module.without_padding_mask(batch))
+    reference = module.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    left = {**batch, "attention_mask": mask.flip(1)}
+    assert module.without_padding_mask(left)["attention_mask"] is left["attention_mask"]
