@@ -586,7 +586,7 @@ def profile(precision: str, steps: int, out: Path, threads: int = 0) -> None:
 
     def step(batch: dict[str, Any]) -> None:
         with record_function("forward+loss"), autocast:
-            loss = module.loss_and_accuracy(batch)[0]
+            loss = module.loss_and_accuracy(module.without_padding_mask(batch))[0]
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
@@ -653,7 +653,7 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     runners = ["litpeft", "peft"] + (["trainer"] if args.trainer else [])
     cfgs: list[dict[str, Any]] = []
     for i, precision in enumerate(args.precisions):
-        for repeat in range(args.repeats):
+        for repeat in range(args.repeats if i == 0 else 1):
             for runner in runners if repeat == 0 and i == 0 else ["litpeft", "peft"]:
                 cfgs.append(
                     {
@@ -663,6 +663,18 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "precision": precision,
                         "repeat": repeat,
                         "table": "main",
+                    }
+                )
+            if i == 0 and args.ablation:  # litpeft without its speed changes, right after the pair
+                cfgs.append(
+                    {
+                        **base,
+                        "runner": "litpeft",
+                        "method": "lora",
+                        "precision": precision,
+                        "ablate": ["cpu_sdpa", "lora_forward", "padding_mask"],
+                        "repeat": repeat,
+                        "table": "ablation",
                     }
                 )
     for precision in ["bf16-true"] + (["nf4"] if _has_quantize() else []):
@@ -699,19 +711,6 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             if why:
                 cfg["error"] = why if runner == "litpeft" else "not run: litpeft has no counterpart here"
             cfgs.append(cfg)
-    if args.ablation:
-        for ablate in (["cpu_sdpa", "lora_forward", "padding_mask"],):
-            cfgs.append(
-                {
-                    **base,
-                    "runner": "litpeft",
-                    "method": "lora",
-                    "precision": "bf16-mixed",
-                    "ablate": ablate,
-                    "repeat": 0,
-                    "table": "ablation",
-                }
-            )
     if args.long:
         for runner in ["litpeft", "peft"]:
             cfgs.append(
@@ -765,9 +764,11 @@ def _has_quantize() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="steps run first and not measured")
-    parser.add_argument("--repeats", type=int, default=1, help="litpeft/peft pairs per precision")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="litpeft/peft pairs (and ablation rows) in the first precision"
+    )
     parser.add_argument("--precisions", nargs="+", default=["bf16-mixed", "32-true"])
     parser.add_argument(
         "--model", default=SMOLLM2, help="base model of the main tables (tiny:llama to try the script)"
@@ -866,6 +867,7 @@ RUNNER_NAMES = {
 def _row(res: dict[str, Any], peaks: dict[str, float]) -> list[str]:
     label = RUNNER_NAMES[res["runner"]] + (" + torch.compile" if res.get("compile") else "")
     label += " [nf4]" if res.get("quantize") else ""
+    label += f" (run {res['repeat'] + 1})" if res.get("repeat") else ""
     label += f" without {' + '.join(res['ablate'])}" if res.get("ablate") else ""
     head = [
         res["method"],
@@ -960,6 +962,24 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
             f"**{r:.2f}x** tokens/s, peak RSS {m:.2f}x"
         )
     for res in results:
+        if res["table"] != "ablation" or "error" in res:
+            continue
+        after = [
+            r
+            for r in results
+            if r["table"] == "main"
+            and r["runner"] == "litpeft"
+            and r["repeat"] == res["repeat"]
+            and r["precision"] == res["precision"]
+            and "error" not in r
+        ]
+        if after:
+            lines.append(
+                f"- litpeft's speed changes, {res['precision']} run {res['repeat'] + 1}: "
+                f"**{after[0]['tokens_per_s'] / res['tokens_per_s']:.2f}x** tokens/s over litpeft without them, "
+                f"peak RSS {after[0]['peak_rss_mb'] / res['peak_rss_mb']:.2f}x"
+            )
+    for res in results:
         if res["runner"] == "litpeft" and res["table"] == "methods" and "error" in res:
             lines.append(f"- {res['method']}: {res['error']}")
     sections = [
@@ -979,7 +999,7 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
                 r
                 for r in results
                 if r["table"] == "main" and r["runner"] == "litpeft" and r["precision"] == "bf16-mixed"
-            ][:1] + chosen
+            ] + chosen
         rows = [_row(r, peaks) for r in chosen]
         if rows:
             lines += ["", f"## {title}", "", _table(rows)]
