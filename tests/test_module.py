@@ -120,3 +120,55 @@ def test_fit_writes_a_loadable_adapter_directory(word_data: Path, tmp_path: Path
     torch.testing.assert_close(model(x).logits, module.model(x).logits)
     assert isinstance(method, LoRA) and method.r == 4
     assert type(style).__name__ == "ChatTemplate"
+
+
+def test_cpu_attention_runs_in_fp32_and_matches_the_formula() -> None:
+    """bf16 inputs on the CPU: softmax(q k^T * scaling + causal mask) v, computed here in float64."""
+    from litpeft.module import cpu_sdpa_attention
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 1, True
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = cpu_sdpa_attention(Attn(), q, k, v, None, scaling=0.3)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.3
+    scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    reference = (scores.softmax(-1) @ v.double()).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference, rtol=1e-2, atol=1e-2)
+
+
+def test_configure_model_uses_cpu_attention_with_the_same_logits() -> None:
+    module = _module()
+    module.configure_model()
+    assert module.model.config._attn_implementation == "litpeft_cpu_sdpa"
+    ids = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = module.model(input_ids=ids, attention_mask=mask).logits
+        module.model.set_attn_implementation("sdpa")
+        theirs = module.model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real].float(), theirs[real].float(), rtol=3e-2, atol=3e-2)
+
+
+def test_right_padding_mask_is_dropped_with_the_same_loss() -> None:
+    """A right-padded batch trains without its mask; the loss equals transformers' full loss with it."""
+    module = _module()
+    module.configure_model()
+    ids = torch.randint(0, 250, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    assert "attention_mask" not in module.without_padding_mask(batch)
+    loss, _, _ = module.loss_and_accuracy(module.without_padding_mask(batch))
+    reference = module.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    left = {**batch, "attention_mask": mask.flip(1)}
+    assert module.without_padding_mask(left)["attention_mask"] is left["attention_mask"]

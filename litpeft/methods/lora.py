@@ -86,11 +86,18 @@ class LoRALinear(nn.Module, PeftLayer):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.disabled or self.merged:
-            return result
+            return self.base_layer(x)
         a = self.lora_A.weight
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x).to(a.dtype))) * self.scaling
+        if type(self.base_layer) in (nn.Linear, Conv1D) and torch.is_autocast_enabled(x.device.type):
+            # One cast of the input, shared by the base layer and the LoRA branch (autocast would cast
+            # it for each of them, and an fp32 LoRA weight would first pull a bf16 input back to fp32).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+            result, h = self.base_layer(x), self.lora_A(self.lora_dropout(x))
+        else:
+            result, h = self.base_layer(x), self.lora_A(self.lora_dropout(x).to(a.dtype))
+        # Scaling the rank-r activations, not the output, is the same product at a fraction of the cost.
+        lora = self.lora_B(h * self.scaling)
         if self.lora_magnitude_vector is None:
             return result + lora.to(result.dtype)
         # DoRA: m/||W + sBA|| rescales the base output (bias excluded) and the LoRA branch alike.

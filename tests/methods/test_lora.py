@@ -160,3 +160,32 @@ def test_default_method_of_peftlm_describes_itself_as_lora() -> None:
     config = PeftLM(model="tiny:llama").method.config()
     assert config["class_path"] == "litpeft.methods.lora.LoRA"
     assert config["init_args"]["r"] == 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_autocast_forward_and_grads_equal_peft(arch: str) -> None:
+    """Under CPU bf16 autocast (the bf16-mixed path, where LoRALinear casts its input once and scales
+    the rank-r activations), logits and LoRA gradients match peft's with the same weights. The scaling
+    alpha/r = 2 is a power of two, so both orders of the product round alike."""
+    base = load_model(f"tiny:{arch}")
+    ours = LoRA(r=4, alpha=8).apply(copy.deepcopy(base))
+    _randomize_lora(ours)
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                key = name.replace(".weight", ".default.weight")
+                theirs_params["base_model.model." + key].copy_(p)
+    x = _inputs()
+    outs = []
+    for model in (ours, theirs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x).logits
+        logits.float().pow(2).mean().backward()
+        outs.append(logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-2)
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            ref = theirs_params["base_model.model." + name.replace(".weight", ".default.weight")].grad
+            torch.testing.assert_close(p.grad, ref, rtol=2e-2, atol=1e-3)
