@@ -7,7 +7,7 @@ so peak resident memory (``VmHWM``) is per configuration, and configurations are
 (litpeft, peft, litpeft, ...) so that both sides see the same machine load.
 
     python scripts/benchmark.py                         # full run: writes docs/benchmark.md and .svg
-    python scripts/benchmark.py --steps 2 --warmup 1 --no-large --out /tmp/bench   # smoke run
+    python scripts/benchmark.py --steps 2 --warmup 1 --no-large --out runs/bench   # smoke run
     python scripts/benchmark.py --profile               # torch.profiler of one litpeft LoRA step
 
 What is measured, per configuration:
@@ -831,7 +831,8 @@ def main() -> None:
         "loads": loads,
         "peaks": peaks,
         "peaks_after": peaks_after,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # paths by name only: the JSON is committed under docs/ and must not carry a machine's paths
+        "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -17,7 +17,7 @@ log() { echo "[cluster_up] $*" >&2; }
 if [ "$(id -u)" != 0 ]; then log "must run as root (slurmd needs it)"; exit 1; fi
 
 D=${1:-${SLURM_CI_DIR:-}}
-if [ -z "$D" ]; then D=$(mktemp -d /tmp/slurm-local.XXXXXX); fi
+if [ -z "$D" ]; then D=$(mktemp -d -t slurm-local.XXXXXX); fi
 mkdir -p "$D"
 D=$(cd "$D" && pwd)
 AUTH=${SLURM_CI_AUTH:-munge}

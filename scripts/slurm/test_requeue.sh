@@ -27,7 +27,7 @@ fi
 T0=$(date +%s)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-W=${1:-$(mktemp -d /tmp/litpeft-requeue.XXXXXX)}
+W=${1:-$(mktemp -d -t litpeft-requeue.XXXXXX)}
 mkdir -p "$W"; W=$(cd "$W" && pwd)
 MAX_STEPS=${MAX_STEPS:-30}
 SIGNAL_AT_STEP=${SIGNAL_AT_STEP:-8}
