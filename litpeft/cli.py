@@ -121,9 +121,41 @@ def _compact_parse_error(message: str) -> str:
     return lines[0] if len(lines) == 1 else "; ".join(lines[:2])
 
 
+TRAINER_COMMANDS = {
+    "fit": "Train a PEFT method on instruction data (Lightning's Trainer.fit).",
+    "validate": "One evaluation pass over the validation set.",
+    "test": "One evaluation pass over the test set.",
+    "predict": "Run the model's predict step over the data.",
+}
+
+
+def overview() -> str:
+    """What ``litpeft``, ``litpeft -h`` print: every subcommand, the trainer's and the tools'."""
+    rows = list(TRAINER_COMMANDS.items())
+    rows += [(name, (tool.__doc__ or "").split(": ", 1)[-1].strip()) for name, tool in TOOLS.items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        "usage: litpeft <command> [options]     (litpeft <command> --help: its options)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, text in rows]
+    lines += [
+        "",
+        "examples:",
+        "  litpeft fit --config configs/lora.yaml --model.method.init_args.r 16",
+        "  litpeft fit --config configs/lora.yaml --print_config     # the full config, runnable as is",
+        "  litpeft generate --adapter runs/lora/adapter --prompt 'Name three colors.'",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in ([], ["-h"], ["--help"]):
+        print(overview())
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -95,44 +95,13 @@ def load(
 
 
 # -- prompts from files -----------------------------------------------------------------------------
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
-
-
 def row_messages(row: Any, where: str) -> list[Message]:
-    """A conversation from one JSONL row: chat (``messages``, or ShareGPT ``conversations``), Alpaca
-    (``instruction``, optional ``input`` and ``output``), or a bare ``prompt``."""
-    if not isinstance(row, dict):
-        raise LitPeftError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "messages" in row or "conversations" in row:
-        turns = row.get("messages", row.get("conversations"))
-        if not isinstance(turns, list) or not turns:
-            raise LitPeftError(f"{where}: 'messages' must be a non-empty list")
-        messages = []
-        for t in turns:
-            role = t.get("role", SHAREGPT_ROLES.get(t.get("from", ""))) if isinstance(t, dict) else None
-            content = t.get("content", t.get("value")) if isinstance(t, dict) else None
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise LitPeftError(
-                    f"{where}: each message needs a role (system/user/assistant) and a content string"
-                )
-            messages.append({"role": role, "content": content})
-        return messages
-    if "instruction" in row:
-        if not isinstance(row["instruction"], str) or not row["instruction"].strip():
-            raise LitPeftError(f"{where}: field 'instruction' must be a non-empty string")
-        messages = [{"role": "user", "content": row["instruction"], "input": row.get("input") or ""}]
-        if row.get("output") is not None:
-            messages.append({"role": "assistant", "content": str(row["output"])})
-        return messages
-    if isinstance(row.get("prompt"), str):
+    """A conversation to generate from: any training row format (:class:`AutoSource`) with the answer
+    optional, or a bare ``{"prompt": ...}``."""
+    other_formats = {"messages", "conversations", "instruction"}
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and not other_formats & row.keys():
         return [{"role": "user", "content": row["prompt"]}]
-    raise LitPeftError(f"{where}: expected 'messages', 'conversations', 'instruction' or 'prompt'")
+    return AutoSource().to_messages(row, where, need_answer=False)
 
 
 def read_conversations(path: str, need_reference: bool = False) -> list[tuple[dict[str, Any], list[Message]]]:

@@ -13,49 +13,17 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from torchmetrics import MeanMetric
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import PreTrainedModel
 
 from litpeft.data.collate import IGNORE_INDEX
 from litpeft.methods import LoRA, PeftMethod
+from litpeft.methods.attention import CPU_SDPA
 from litpeft.models import describe, load_model, load_tokenizer
 from litpeft.quantize import QuantMode, check_mode, quantize_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
-CPU_SDPA = "litpeft_cpu_sdpa"
-
-
-def cpu_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
-    """transformers' SDPA attention, computed in float32 when bf16/fp16 inputs are on the CPU.
-
-    PyTorch's CPU flash-attention kernel is about 3x slower in bf16 than in fp32 on short sequences
-    (forward + backward of 8 x 79 tokens, 9 heads: 37 vs 13 ms) and no faster on long ones (512 tokens:
-    241 vs 248 ms), so under bf16 autocast on the CPU the attention product runs in fp32 (see
-    docs/benchmark.md). Anywhere else this is transformers' own ``sdpa``.
-    """
-    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
-    with torch.autocast("cpu", enabled=False):
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
-    return out.to(query.dtype), weights
-
-
-AttentionInterface.register(CPU_SDPA, cpu_sdpa_attention)
-AttentionMaskInterface.register(CPU_SDPA, sdpa_mask)
 
 
 @contextlib.contextmanager

@@ -159,6 +159,10 @@ class QuantizedLinear(nn.Linear):
             return torch.empty(shape, dtype=dtype, device="meta")
         bnbF = _bnb()
         if self.mode == "int8":
+            if dtype in (torch.bfloat16, torch.float16):
+                # w = q * absmax / 127 straight in the 16-bit dtype (|q| <= 127 is exact there): several
+                # times faster on the CPU than bitsandbytes' fp32 dequantization and then a cast.
+                return self.qweight.to(dtype) * (self.absmax / 127).to(dtype)[:, None]
             return bnbF.int8_vectorwise_dequant(self.qweight, self.absmax).to(dtype)
         state2 = None
         if self.mode == "nf4-dq":

@@ -5,8 +5,10 @@
 
 Each mode runs in a fresh process (so peaks do not mix): build the base, apply LoRA (r 16, all linear
 layers), then ``--steps`` optimizer steps on random tokens. Reported per mode: peak resident memory while
-building, peak resident memory over the training steps (the high-water mark is reset after building,
-``/proc/self/clear_refs``), parameter bytes, and the median step time after the first step.
+building, resident memory when training starts (after ``malloc_trim``: the model plus any heap the
+allocator could not give back), peak resident memory over the training steps (the high-water mark is
+reset after building, ``/proc/self/clear_refs``), parameter bytes, and the median step time after the
+first step.
 
 ``--interleave`` compares the speed of ``32-true``, ``bf16-mixed`` and ``bf16-true`` in one process,
 alternating the step kinds, so that a machine shared with other jobs slows them alike.
@@ -92,6 +94,7 @@ def run_one(model_spec: str, mode: str, steps: int, batch: int, seq: int, device
     build_peak = _status_kb("VmHWM")
     _malloc_trim()  # give the allocator's freed build memory back, or it counts in the training peak
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    start_rss = _status_kb("VmRSS")  # what the built model holds (plus heap the allocator kept)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -116,6 +119,7 @@ def run_one(model_spec: str, mode: str, steps: int, batch: int, seq: int, device
         "param_bytes_GB": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9, 3),
         "build_s": round(build_s, 1),
         "build_peak_rss_GB": round(build_peak / 1e6, 2),
+        "start_rss_GB": round(start_rss / 1e6, 2),
         "train_peak_rss_GB": round(_status_kb("VmHWM") / 1e6, 2),
         "step_s_median": round(statistics.median(times[1:] if len(times) > 1 else times), 2),
         "step_s_all": [round(t, 2) for t in times],

@@ -119,3 +119,16 @@ def test_unknown_key_in_config_file(tmp_path: Path, word_data: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "litpeft: error: data: unknown option 'bach_size'"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["-h"], ["--help"]])
+def test_overview_lists_trainer_and_tool_commands(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from litpeft.cli import TOOLS, main
+
+    main(argv)
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()}
+    assert listed == {"fit", "validate", "test", "predict", *TOOLS}
+    assert {"generate", "evaluate", "merge", "export"} <= set(TOOLS)

@@ -81,3 +81,22 @@ def test_bad_adapter_in_a_subprocess(command, kind, dirs, tmp_path) -> None:
     assert result.returncode == 2
     assert message.format(root=dirs["root"]) in error_line(result)
     assert not list(tmp_path.iterdir())
+
+
+def test_prompt_rows_accept_every_training_format_without_an_answer() -> None:
+    from litpeft.commands import row_messages
+    from litpeft.errors import LitPeftError
+
+    user = {"role": "user", "content": "Hi?"}
+    assert row_messages({"prompt": "Hi?"}, "f:1") == [user]
+    assert row_messages({"conversations": [{"from": "human", "value": "Hi?"}]}, "f:2") == [user]
+    assert row_messages({"messages": [user]}, "f:3") == [user]
+    assert row_messages({"instruction": "Hi?"}, "f:4") == [{**user, "input": ""}]
+    assert row_messages({"instruction": "Hi?", "output": "Yo"}, "f:5")[-1] == {
+        "role": "assistant",
+        "content": "Yo",
+    }
+    with pytest.raises(LitPeftError, match=r"f:6: field 'messages\[0\].role' has unknown role 'bot'"):
+        row_messages({"messages": [{"role": "bot", "content": "x"}]}, "f:6")
+    with pytest.raises(LitPeftError, match="f:7: field 'instruction' is missing or empty"):
+        row_messages({"text": "no known field"}, "f:7")

@@ -63,6 +63,17 @@ def test_int8_matches_vectorwise_reference(linear: nn.Linear) -> None:
     torch.testing.assert_close(q.dequantize(), int8_reference(linear.weight.detach()), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_16bit_dequantization_is_the_reference_rounded(linear: nn.Linear, dtype: torch.dtype) -> None:
+    """The 16-bit path (its own formula, for speed) is within 2 rounding steps of the fp32 reference."""
+    q = QuantizedLinear.from_float(linear, "int8")
+    reference = int8_reference(linear.weight.detach())
+    low = q.dequantize(dtype)
+    assert low.dtype == dtype
+    step = torch.finfo(dtype).eps * reference.abs()  # one unit in the last place, relative
+    assert ((low.float() - reference).abs() <= 2 * step + 1e-12).all()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_forward_and_input_gradient_use_the_dequantized_weight(linear: nn.Linear, mode: str) -> None:
     q = QuantizedLinear.from_float(linear, mode)

@@ -302,17 +302,18 @@ class Alpaca(DataSource):
             )
         self.column_map = column_map or {}
 
-    def to_messages(self, row: Any, where: str) -> list[Message]:
+    def to_messages(self, row: Any, where: str, need_answer: bool = True) -> list[Message]:
+        """``need_answer=False`` (prompts to generate from): ``output`` may be missing."""
         row = _require_object(row, where)
         cols = {f: f for f in self.FIELDS} | self.column_map
         instruction = text_field(row, cols["instruction"], where)
         extra = text_field(row, cols["input"], where, required=False)
-        output = text_field(row, cols["output"], where)
+        output = text_field(row, cols["output"], where, required=need_answer)
         system = text_field(row, cols["system"], where, required=False)
         return [
             *([{"role": "system", "content": system}] if system else []),
             {"role": "user", "content": instruction, "input": extra},
-            {"role": "assistant", "content": output},
+            *([{"role": "assistant", "content": output}] if output else []),
         ]
 
 
@@ -346,7 +347,8 @@ class Chat(DataSource):
                 f"data.source role_map maps to unknown roles {sorted(bad)}; use: {', '.join(ROLES)}"
             )
 
-    def to_messages(self, row: Any, where: str) -> list[Message]:
+    def to_messages(self, row: Any, where: str, need_answer: bool = True) -> list[Message]:
+        """``need_answer=False`` (prompts to generate from): a conversation without an assistant turn is fine."""
         row = _require_object(row, where)
         turns = row.get(self.column)
         if turns is None or (isinstance(turns, list) and not turns):
@@ -374,7 +376,7 @@ class Chat(DataSource):
                 content = "".join(str(p.get("text", "")) for p in content)
             content = text_field({"c": content}, "c", where, name=f"{name}.{self.content_key}")
             messages.append({"role": role, "content": content})
-        if not any(m["role"] == "assistant" for m in messages):
+        if need_answer and not any(m["role"] == "assistant" for m in messages):
             raise BadRow(where, "has no assistant turn (nothing to learn from)", self.column)
         return messages
 
@@ -418,10 +420,10 @@ class AutoSource(DataSource):
             "alpaca": Alpaca(column_map),
         }
 
-    def to_messages(self, row: Any, where: str) -> list[Message]:
+    def to_messages(self, row: Any, where: str, need_answer: bool = True) -> list[Message]:
         row = _require_object(row, where)
         key = next((k for k in ("messages", "conversations") if k in row), "alpaca")
-        return self._formats[key].to_messages(row, where)
+        return self._formats[key].to_messages(row, where, need_answer=need_answer)
 
     def __repr__(self) -> str:
         return f"AutoSource(column_map={self.column_map!r}, reader={self.reader!r})"

@@ -128,8 +128,10 @@ class PrefixTuning(PeftMethod):
             )
             m.litpeft_prefix = prefix.to(model.device)
             layers.append(prefix)
+        text = model.config.get_text_config()
+        max_positions = getattr(text, "max_position_embeddings", None) or 1 << 62
         model.base_model.register_forward_pre_hook(
-            _PositionShift(layers[0], self.num_virtual_tokens), with_kwargs=True
+            _PositionShift(layers[0], self.num_virtual_tokens, max_positions), with_kwargs=True
         )
 
     # -- adapter: the projected prefix only -----------------------------------------------------------
@@ -223,10 +225,14 @@ def drop_reparameterization(model: nn.Module) -> None:
 
 
 class _PositionShift:
-    """Forward pre-hook on the backbone: real tokens start at position ``N`` (the prefix holds 0..N-1)."""
+    """Forward pre-hook on the backbone: real tokens start at position ``N`` (the prefix holds 0..N-1).
 
-    def __init__(self, prefix: PrefixKV, num_tokens: int) -> None:
-        self.prefix, self.num_tokens = prefix, num_tokens
+    Refuses positions past the model's context (GPT-2's learned position table would fail with an index
+    error, on CUDA a device-side assert).
+    """
+
+    def __init__(self, prefix: PrefixKV, num_tokens: int, max_positions: int) -> None:
+        self.prefix, self.num_tokens, self.max_positions = prefix, num_tokens, max_positions
 
     def __call__(
         self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
@@ -241,4 +247,10 @@ class _PositionShift:
             past = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)[None]
         kwargs["position_ids"] = positions + self.num_tokens
+        last = int(positions.max()) + 1 if positions.numel() else 0
+        if last + self.num_tokens > self.max_positions:
+            raise LitPeftError(
+                f"num_virtual_tokens={self.num_tokens} plus {last} positions exceed the model's context of "
+                f"{self.max_positions} positions"
+            )
         return args, kwargs

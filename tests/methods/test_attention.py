@@ -8,10 +8,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from litpeft.errors import LitPeftError
-from litpeft.methods import PrefixTuning
+from litpeft.methods import PrefixTuning, attention
 from litpeft.methods.attention import (
     AdaptionPrompt,
     attention_modules,
+    cpu_sdpa_attention,
     restore_attention,
     use_peft_attention,
 )
@@ -126,3 +127,41 @@ def test_qwen3_prompt_keys_use_its_key_norm():
         expected = attn.k_norm(attn.k_proj(prompt).view(3, 2, 16)).transpose(0, 1)
     torch.testing.assert_close(k, expected)
     torch.testing.assert_close(v, attn.v_proj(prompt).view(3, 2, 16).transpose(0, 1))
+
+
+def test_cpu_attention_runs_in_fp32_and_matches_the_formula() -> None:
+    """bf16 inputs on the CPU: softmax(q k^T * scaling + causal mask) v, computed here in float64."""
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups, is_causal = 1, True
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 7, 8, generator=g).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = cpu_sdpa_attention(Attn(), q, k, v, None, scaling=0.3)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.3
+    scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    reference = (scores.softmax(-1) @ v.double()).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference, rtol=1e-2, atol=1e-2)
+
+
+def test_prefix_attention_under_bf16_on_the_cpu_runs_in_fp32(monkeypatch):
+    """The prefix methods' wrapper takes the same fp32-on-CPU path as plain models (bf16 in, bf16 out)."""
+    seen: list[torch.dtype] = []
+    inner = attention.sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        seen.append(query.dtype)
+        return inner(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    model = both_methods("llama", "sdpa")
+    enc = encode("left")
+    with torch.no_grad():
+        reference = model(**enc).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(**enc).logits
+    assert seen and set(seen) == {torch.float32}
+    keep = enc["attention_mask"].bool()
+    torch.testing.assert_close(low[keep].float(), reference[keep], atol=0.1, rtol=0.05)

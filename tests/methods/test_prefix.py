@@ -174,6 +174,17 @@ def test_real_tokens_start_at_position_n():
     handle.remove()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_positions_past_the_context_are_refused(arch):
+    """tiny:* models have 512 positions; 8 prefix positions leave room for 504 tokens, not 505."""
+    model = build(arch, PTuningV2(num_virtual_tokens=8))
+    ids = torch.randint(0, 250, (1, 505), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model(input_ids=ids[:, :504]).logits.shape[1] == 504
+        with pytest.raises(LitPeftError, match="num_virtual_tokens=8 plus 505 positions exceed .* 512"):
+            model(input_ids=ids)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_disabled_prefix_is_the_base_model(arch):
     model = build(arch, PrefixTuning(5, encoder_hidden_size=16))
