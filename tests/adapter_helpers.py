@@ -1,4 +1,4 @@
-"""Helpers for the tests of the commands that use an adapter: quick adapter dirs, running ``litpeft``."""
+"""Helpers of the top-level tests: quick adapter dirs, a two-step LoRA fit, JSONL files, running ``litpeft``."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from transformers import PreTrainedModel
 
 from litpeft import PeftLM
 from litpeft.adapter import save_adapter
+from litpeft.data import InstructionDataModule
 from litpeft.data.prompts import get_style
-from litpeft.methods import PeftMethod
+from litpeft.methods import LoRA, PeftMethod
 from litpeft.models import load_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +41,32 @@ def make_adapter(
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
     return save_adapter(directory, lm, get_style(style, lm.tokenizer))
+
+
+def fit_tiny_lora(
+    tmp_path: Path, precision: str = "32-true", num_sanity_val_steps: int = 0, **module_kwargs: Any
+) -> PeftLM:
+    """Two AdamW steps (lr 1e-2, seed 0) of LoRA r=4 on ``tiny:llama`` with a small instruction file on the
+    CPU; the adapter is saved to ``tmp_path / "adapter"``. ``module_kwargs`` go to ``PeftLM``."""
+    rows = [{"instruction": f"Say {w}.", "output": w} for w in ["alpha", "gamma", "delta", "omega"] * 2]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    L.seed_everything(0)
+    module = PeftLM("tiny:llama", method=LoRA(r=4), adapter_dir=str(tmp_path / "adapter"), **module_kwargs)
+    module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
+    data = InstructionDataModule(train_file=str(tmp_path / "train.jsonl"), val_fraction=0.25, batch_size=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=num_sanity_val_steps,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, datamodule=data)
+    return module
 
 
 def save_other_base(directory: str | Path, arch: str = "llama", dtype: torch.dtype = torch.float32) -> Path:
@@ -71,13 +99,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_litpeft(*args: str, stdin: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m litpeft ARGS`` in a subprocess, as a user runs it."""
+def run_litpeft(
+    *args: str, stdin: str | None = None, cwd: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``python -m litpeft ARGS`` in a subprocess, as a user runs it (in ``cwd``, by default this one's)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     return subprocess.run(
         [sys.executable, "-m", "litpeft", *args],
         input=stdin,
+        cwd=cwd,
         capture_output=True,
         text=True,
         env=env,

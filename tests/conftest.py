@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from adapter_helpers import REPO, run_litpeft, write_jsonl  # noqa: F401 (REPO: the tests import it from here)
 
-REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = "smollm2-135m-instruct"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def word_rows(n: int = 24) -> list[dict]:
@@ -63,15 +56,7 @@ def word_data(tmp_path: Path) -> Path:
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python -m litpeft ARGS`` as a user would, in ``cwd``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, "-m", "litpeft", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+    return run_litpeft(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

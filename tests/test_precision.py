@@ -2,42 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from adapter_helpers import fit_tiny_lora
 
-from litpeft.data import InstructionDataModule
 from litpeft.methods import LoRA
 from litpeft.module import PeftLM
 
 
-def fit(tmp_path: Path, precision: str, **module_kwargs: object) -> PeftLM:
-    rows = [{"instruction": f"Say {w}.", "output": w} for w in ["alpha", "gamma", "delta", "omega"] * 2]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    L.seed_everything(0)
-    module = PeftLM("tiny:llama", method=LoRA(r=4), adapter_dir=str(tmp_path / "adapter"), **module_kwargs)
-    module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
-    data = InstructionDataModule(train_file=str(tmp_path / "train.jsonl"), val_fraction=0.25, batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        precision=precision,
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, datamodule=data)
-    return module
-
-
 def test_bf16_true_keeps_the_adapter_and_its_optimizer_state_in_fp32(tmp_path: Path) -> None:
-    module = fit(tmp_path, "bf16-true")
+    module = fit_tiny_lora(tmp_path, "bf16-true")
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
     frozen = [p for p in module.parameters() if not p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
@@ -52,13 +28,13 @@ def test_bf16_true_keeps_the_adapter_and_its_optimizer_state_in_fp32(tmp_path: P
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fp32_weights_train_under_32_true_and_bf16_mixed(tmp_path: Path, precision: str) -> None:
-    module = fit(tmp_path, precision)
+    module = fit_tiny_lora(tmp_path, precision)
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert all(p.abs().sum() > 0 for n, p in module.named_parameters() if "lora_B" in n)
 
 
 def test_bf16_true_on_a_quantized_base(tmp_path: Path) -> None:
-    module = fit(tmp_path, "bf16-true", quantize="nf4")
+    module = fit_tiny_lora(tmp_path, "bf16-true", quantize="nf4")
     absmax = [p for n, p in module.named_parameters() if n.endswith("absmax")]
     assert absmax and all(p.dtype == torch.float32 for p in absmax)  # bitsandbytes wants fp32 absmaxes
     assert all(p.abs().sum() > 0 for n, p in module.named_parameters() if "lora_B" in n)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from adapter_helpers import fit_tiny_lora
 from torch import nn
 
 from litpeft.adapter import load_adapter, read_adapter_config
-from litpeft.data import InstructionDataModule
 from litpeft.errors import LitPeftError
 from litpeft.methods import LoRA
 from litpeft.methods.base import METHODS
@@ -203,23 +201,7 @@ def test_lora_merge_into_a_quantized_base_writes_plain_weights() -> None:
 
 def test_fit_on_nf4_after_sanity_check_trains_and_adapter_reloads_quantized(tmp_path: Path) -> None:
     """Lightning's sanity check (eval, no grad) runs first; LoRA B must still move away from zero."""
-    rows = [{"instruction": f"Say {w}.", "output": w} for w in ["alpha", "gamma", "delta", "omega"] * 2]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    L.seed_everything(0)
-    module = PeftLM("tiny:llama", method=LoRA(r=4), quantize="nf4", adapter_dir=str(tmp_path / "adapter"))
-    module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
-    data = InstructionDataModule(train_file=str(tmp_path / "train.jsonl"), val_fraction=0.25, batch_size=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=1,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, datamodule=data)
+    module = fit_tiny_lora(tmp_path, num_sanity_val_steps=1, quantize="nf4")
     b = [p for n, p in module.named_parameters() if "lora_B" in n]
     assert b and all(p.abs().sum() > 0 for p in b)
     assert read_adapter_config(tmp_path / "adapter")["quantize"] == "nf4"

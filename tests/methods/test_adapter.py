@@ -6,57 +6,32 @@ at step 0) and the paper's parameter count.
 
 from __future__ import annotations
 
+import method_helpers as helpers
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from litpeft.data.collate import pad_batch
 from litpeft.errors import LitPeftError
 from litpeft.methods import HoulsbyAdapter, adapters_disabled
-from litpeft.models import load_model, tiny_tokenizer
+from litpeft.models import load_model
 from litpeft.module import PeftLM
 
 ARCHS = ["llama", "qwen2", "gpt2"]
 TEXTS = ["The capital of France is Paris.", "2 + 2 = 4", "Hello, world! How are you today?"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
 def wrapped(arch: str, tok, method: HoulsbyAdapter | None = None, perturb: bool = True):
     """A tiny model with adapters, deterministic; ``perturb`` moves the adapters off identity."""
-    model = load_model(f"tiny:{arch}", tokenizer=tok)
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        (method or HoulsbyAdapter(bottleneck_size=8)).apply(model)
-        if perturb:
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.requires_grad:
-                        p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def batch_of(tok, texts=TEXTS, side="right"):
-    tok.padding_side = side
-    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-
-def lm_batch(tok, texts=TEXTS):
-    samples = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"]
-        samples.append({"input_ids": ids, "labels": ids})
-    return pad_batch(samples, tok.pad_token_id)
+    return helpers.seeded_model(
+        arch, tok, method or HoulsbyAdapter(bottleneck_size=8), noise=0.1 if perturb else None
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_zero_up_projection_starts_exactly_at_the_base(arch, tok):
     model = wrapped(arch, tok, HoulsbyAdapter(bottleneck_size=8, init="zero_up"), perturb=False)
     base = load_model(f"tiny:{arch}", tokenizer=tok)
-    enc = batch_of(tok)
+    enc = helpers.batch_of(tok, TEXTS)
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, base(**enc).logits)
 
@@ -68,7 +43,7 @@ def test_small_std_init_starts_near_the_base(arch, tok):
     we allow 1e-4 on the logits (they are O(1))."""
     model = wrapped(arch, tok, HoulsbyAdapter(bottleneck_size=8, init="normal", init_std=1e-3), perturb=False)
     base = load_model(f"tiny:{arch}", tokenizer=tok)
-    enc = batch_of(tok)
+    enc = helpers.batch_of(tok, TEXTS)
     with torch.no_grad():
         ours, ref = model(**enc).logits, base(**enc).logits
     assert not torch.equal(ours, ref)
@@ -79,7 +54,7 @@ def test_small_std_init_starts_near_the_base(arch, tok):
 def test_disabled_adapters_give_the_base(arch, tok):
     model = wrapped(arch, tok)
     base = load_model(f"tiny:{arch}", tokenizer=tok)
-    enc = batch_of(tok)
+    enc = helpers.batch_of(tok, TEXTS)
     with torch.no_grad():
         assert not torch.allclose(model(**enc).logits, base(**enc).logits)
         with adapters_disabled(model):
@@ -112,58 +87,31 @@ def test_training_reduces_loss_and_changes_only_adapters_and_norms(arch):
     module = PeftLM(model=f"tiny:{arch}", method=HoulsbyAdapter(bottleneck_size=8))
     module.configure_model()
     model = module.model
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = helpers.snapshot(model)
+    trainable = helpers.trainable_names(model)
     assert all(".adapter_" in n or "ln_" in n or "norm" in n for n in trainable)
-    batch = lm_batch(module.tokenizer)
-    opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss, _, _ = module.loss_and_accuracy(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = helpers.train_module(module, helpers.lm_batch(module.tokenizer, TEXTS), steps=10, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1, losses
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == trainable
+    assert helpers.changed(model, before) == trainable
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_rows_equal_the_rows_alone(arch, side, tok):
-    model = wrapped(arch, tok)
-    enc = batch_of(tok, side=side)
-    mask = enc["attention_mask"]
-    kwargs = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0) * mask} if side == "left" else {}
-    with torch.no_grad():
-        logits = model(**enc, **kwargs).logits
-        for i, text in enumerate(TEXTS):
-            alone = model(**batch_of(tok, [text])).logits[0]
-            torch.testing.assert_close(logits[i][mask[i].bool()], alone, atol=1e-5, rtol=1e-5)
+    helpers.assert_padded_rows_equal_rows_alone(wrapped(arch, tok), tok, TEXTS, side)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_with_and_without_cache_agree(arch, tok):
     model = wrapped(arch, tok).eval()
-    enc = batch_of(tok, side="left")
-    common = dict(max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-    cached = model.generate(**enc, use_cache=True, **common)
-    assert torch.equal(cached, model.generate(**enc, use_cache=False, **common))
+    helpers.greedy_with_cache_equals_without(
+        model, helpers.batch_of(tok, TEXTS, side="left"), tok.pad_token_id, 10
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradient_checkpointing_gives_the_same_gradients(arch, tok):
-    batch = lm_batch(tok)
-    grads = []
-    for checkpointing in (False, True):
-        model = wrapped(arch, tok).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        torch.manual_seed(0)  # GPT-2 has dropout; checkpointing replays the same masks
-        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, labels=batch["labels"])
-        out.loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    grads = helpers.checkpointing_grads(lambda: wrapped(arch, tok), helpers.lm_batch(tok, TEXTS))
     assert all(g.abs().sum() > 0 for g in grads[0].values())
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -172,17 +120,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, tok):
 @pytest.mark.parametrize("mode", ["bf16-true", "bf16-mixed"])
 def test_bf16(arch, mode, tok):
     model = wrapped(arch, tok)
-    batch = lm_batch(tok)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    if mode == "bf16-true":
-        model.to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-mixed"):
-        out = model(**inputs, labels=batch["labels"])
-    # bf16 keeps 8 mantissa bits (relative error ~4e-3 per op); the tiny model's logits are O(1)
-    torch.testing.assert_close(out.logits.float(), ref, atol=0.15, rtol=0.05)
-    out.loss.backward()
+    helpers.bf16_forward_and_backward(model, helpers.lm_batch(tok, TEXTS), mode)
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
@@ -222,7 +160,7 @@ def test_adapter_directory_round_trip(tmp_path, tok):
     save_adapter(tmp_path, module)
     model, _, loaded, _ = load_adapter(tmp_path)
     assert isinstance(loaded, HoulsbyAdapter) and loaded.placement == "pfeiffer"
-    enc = batch_of(tok)
+    enc = helpers.batch_of(tok, TEXTS)
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, module.model.eval()(**enc).logits)
 
@@ -235,8 +173,7 @@ def test_smollm2_zero_up_is_the_base_and_generation_agrees():
     base = load_model("smollm2-135m-instruct", tokenizer=tok)
     model = load_model("smollm2-135m-instruct", tokenizer=tok)
     HoulsbyAdapter(bottleneck_size=32, init="zero_up").apply(model)
-    enc = batch_of(tok, ["The capital of France is", "1, 2, 3,"], side="left")
-    common = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    enc = helpers.batch_of(tok, ["The capital of France is", "1, 2, 3,"], side="left")
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, base(**enc).logits)
-    assert torch.equal(model.generate(**enc, **common), model.generate(**enc, use_cache=False, **common))
+    helpers.greedy_with_cache_equals_without(model, enc, tok.pad_token_id, 4)

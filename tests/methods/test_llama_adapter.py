@@ -3,15 +3,13 @@ checkpointing, bf16, generation with the KV cache, peft round trip (v1), merge (
 
 from __future__ import annotations
 
-import json
-import logging
 import warnings
 from unittest import mock
 
+import method_helpers as helpers
 import peft
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -26,40 +24,13 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there", "Adapter
 
 
 def batch(padding_side: str = "right", texts: list[str] = TEXTS) -> dict[str, torch.Tensor]:
-    tok = tiny_tokenizer()
-    tok.padding_side = padding_side
-    enc = tok(texts, return_tensors="pt", padding=True)
-    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    return dict(enc)
-
-
-def base_model(arch: str) -> nn.Module:
-    return load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
-
-
-def build(arch: str, method: LlamaAdapter, seed: int = 0) -> nn.Module:
-    model = base_model(arch)
-    torch.manual_seed(seed)
-    return method.apply(model)
+    """``texts`` padded on ``padding_side``, labelled."""
+    return helpers.labelled_batch(texts, padding_side)
 
 
 def train(model: nn.Module, data: dict[str, torch.Tensor], steps: int = 5, lr: float = 2e-2) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def logits(model: nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    """The shared ``train``, with this file's default step size."""
+    return helpers.train(model, data, steps, lr)
 
 
 def v1() -> LlamaAdapter:
@@ -80,8 +51,8 @@ def test_registered_under_own_names():
 def test_step_zero_logits_equal_the_base(arch, make):
     """Gate 0 (tanh 0 = 0), bias 0, scale 1, norms copied: the outputs are bit-identical (tolerance 0)."""
     data = batch("left")
-    ours = logits(build(arch, make()), data)
-    torch.testing.assert_close(ours, logits(base_model(arch), data), atol=0, rtol=0)
+    ours = helpers.logits(helpers.build(arch, make()), data)
+    torch.testing.assert_close(ours, helpers.logits(helpers.base_model(arch), data), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -89,7 +60,7 @@ def test_step_zero_logits_equal_the_base(arch, make):
 def test_v1_count_matches_the_paper(arch, per_head):
     """L layers x (K prompts x hidden + one gate per head, or one per layer)."""
     k, layers = 5, 1
-    model = build(arch, LlamaAdapter(adapter_len=k, adapter_layers=layers, gate_per_head=per_head))
+    model = helpers.build(arch, LlamaAdapter(adapter_len=k, adapter_layers=layers, gate_per_head=per_head))
     c = model.config
     adapted = [m.layer_idx for m in model.modules() if hasattr(m, "litpeft_adaption")]
     assert adapted == [c.num_hidden_layers - 2, c.num_hidden_layers - 1][-layers:]  # the top L layers
@@ -102,8 +73,8 @@ def test_v2_count_matches_the_paper(arch):
     """v1's prompts and gates + (bias, scale) per output feature of every linear layer but the LM head
     + every normalization layer's parameters."""
     k, layers = 3, 2
-    model = build(arch, LlamaAdapterV2(adapter_len=k, adapter_layers=layers))
-    base = base_model(arch)
+    model = helpers.build(arch, LlamaAdapterV2(adapter_len=k, adapter_layers=layers))
+    base = helpers.base_model(arch)
     c = base.config
     prompts = layers * (k * c.hidden_size + c.num_attention_heads)
     head = base.get_output_embeddings()
@@ -119,9 +90,9 @@ def test_v2_count_matches_the_paper(arch):
 
 
 def test_v1_count_equals_peft_with_one_gate_per_layer():
-    model = build("llama", LlamaAdapter(adapter_len=5, adapter_layers=2, gate_per_head=False))
+    model = helpers.build("llama", LlamaAdapter(adapter_len=5, adapter_layers=2, gate_per_head=False))
     config = peft.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=5, adapter_layers=2)
-    pm = peft.get_peft_model(base_model("llama"), config)
+    pm = peft.get_peft_model(helpers.base_model("llama"), config)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
         p.numel() for p in pm.parameters() if p.requires_grad
     )
@@ -130,26 +101,28 @@ def test_v1_count_equals_peft_with_one_gate_per_layer():
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("make", [v1, v2])
 def test_training_reduces_loss_and_changes_only_the_adapter(arch, make):
-    model = build(arch, make())
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model = helpers.build(arch, make())
+    before = helpers.snapshot(model, parameters_only=True)
+    trainable = helpers.trainable_names(model)
     # v1 starts with zero gates (zero gradient for the prompts): it needs a larger step than v2
     losses = train(model, batch(), steps=10, lr=1e-1 if make is v1 else 2e-2)
     assert losses[-1] < losses[0] - 0.03
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == trainable
-    assert all("litpeft_adaption" in n or "adapter_" in n or ".tuned." in n for n in changed)
+    changed_names = helpers.changed(model, before, parameters_only=True)
+    assert changed_names == trainable
+    assert all("litpeft_adaption" in n or "adapter_" in n or ".tuned." in n for n in changed_names)
     # the base model is intact underneath
     data = batch("left")
     with adapters_disabled(model):
-        torch.testing.assert_close(logits(model, data), logits(base_model(arch), data), atol=0, rtol=0)
+        torch.testing.assert_close(
+            helpers.logits(model, data), helpers.logits(helpers.base_model(arch), data), atol=0, rtol=0
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adaption_term_equals_eq8(arch):
     """The adaption term of one layer equals eq. 8 written out here (GPT-2 has no RoPE to replay, so the
     query is c_attn's; for RoPE models the query is captured from the layer's own attention call)."""
-    model = build(arch, LlamaAdapter(adapter_len=3, adapter_layers=1)).eval()
+    model = helpers.build(arch, LlamaAdapter(adapter_len=3, adapter_layers=1)).eval()
     attn = [m for m in model.modules() if hasattr(m, "litpeft_adaption")][0]
     adaption = attn.litpeft_adaption
     with torch.no_grad():
@@ -172,9 +145,9 @@ def test_adaption_term_equals_eq8(arch):
     hook = out_proj.register_forward_hook(lambda m, args, out: outputs.append(args[0]))
     data = batch("right")
     with mock.patch.object(attention_module, "_wrapped_implementation", spy):
-        logits(model, data)
+        helpers.logits(model, data)
         with adapters_disabled(model):
-            logits(model, data)
+            helpers.logits(model, data)
     hook.remove()
     # eq. 8, written out: prompt keys/values through the layer's own projections, no RoPE
     x = adaption.prompt.detach()
@@ -194,22 +167,9 @@ def test_adaption_term_equals_eq8(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padding_side_does_not_change_real_token_logits(arch):
-    model = build(arch, v2())
+    model = helpers.build(arch, v2())
     train(model, batch(), steps=2)
-    tok = tiny_tokenizer()
-    for side in ("left", "right"):
-        data = batch(side)
-        positions = (data["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            padded = model(
-                input_ids=data["input_ids"], attention_mask=data["attention_mask"], position_ids=positions
-            ).logits
-        for i, text in enumerate(TEXTS):
-            with torch.no_grad():
-                alone = model(input_ids=tok(text, return_tensors="pt")["input_ids"]).logits[0]
-            torch.testing.assert_close(
-                padded[i][data["attention_mask"][i].bool()], alone, atol=1e-5, rtol=1e-5
-            )
+    helpers.assert_padding_side_does_not_change_real_token_logits(model, TEXTS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -218,17 +178,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, make):
     data = batch("left")
     results = []
     for checkpointing in (False, True):
-        model = build(arch, make())
+        model = helpers.build(arch, make())
         with torch.no_grad():  # non-zero gates, so the prompts get gradients too
             for n, p in model.named_parameters():
                 if n.endswith("litpeft_adaption.gate"):
                     p.fill_(0.5)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        loss = model(**data, use_cache=False).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(helpers.loss_and_grads(model, data))
     torch.testing.assert_close(results[0][0], results[1][0])
     for name, grad in results[0][1].items():
         assert grad is not None and grad.abs().sum() > 0, name
@@ -239,89 +196,65 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch, make):
 @pytest.mark.parametrize("make", [v1, v2])
 def test_bf16(arch, make):
     data = batch("left")
-    model = build(arch, make())
+    model = helpers.build(arch, make())
     train(model, batch(), steps=2)
-    reference = logits(model, data)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = logits(model, data)
-        loss = model(**data).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    keep = data["attention_mask"].bool()
-    assert (mixed.float()[keep] - reference[keep]).abs().max() < 0.1
-    model.to(torch.bfloat16)
-    assert torch.isfinite(logits(model, data)).all()
+    helpers.assert_bf16_autocast_and_bf16_weights(model, data)
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "mistral", "phi3"])
 @pytest.mark.parametrize("make", [v1, v2])
 def test_generate_with_cache_equals_without_and_prompt_kv_computed_once(arch, make):
-    model = build(arch, make())
+    model = helpers.build(arch, make())
     train(model, batch(), steps=3)  # non-zero gates
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    enc = tok(TEXTS[:2], return_tensors="pt", padding=True)
-    out = {}
+    enc = helpers.padded(TEXTS[:2], "left")
     real = attention_module.prompt_key_value
     with mock.patch.object(attention_module, "prompt_key_value", side_effect=real) as calls:
-        for use_cache in (True, False):
-            out[use_cache] = model.generate(
-                **enc, max_new_tokens=8, do_sample=False, use_cache=use_cache, pad_token_id=tok.pad_token_id
-            )
+        helpers.greedy_with_cache_equals_without(model, enc, tiny_tokenizer().pad_token_id, 8)
     # once per adapted layer for both generations (16 forward passes), not once per token
     assert calls.call_count == len([m for m in model.modules() if hasattr(m, "litpeft_adaption")])
-    assert torch.equal(out[True], out[False])
-
-
-def _export(method: LlamaAdapter, model: nn.Module, directory) -> None:
-    config, tensors = method.to_peft(model, method.adapter_state_dict(model))
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-    save_file(tensors, str(directory / "adapter_model.safetensors"))
 
 
 def _peft_logits(directory, data, caplog) -> torch.Tensor:
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        loaded = peft.PeftModel.from_pretrained(base_model("llama"), directory).eval()
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
-    return logits(loaded, data)
+    """The logits of ``data`` through peft's tiny Llama with the adapter exported to ``directory``."""
+    return helpers.logits(
+        helpers.peft_model_without_missing_keys(helpers.base_model("llama"), directory, caplog), data
+    )
 
 
 @pytest.mark.parametrize("per_head", [True, False])
 def test_v1_peft_round_trip_at_step_zero(per_head, tmp_path, caplog):
     method = LlamaAdapter(adapter_len=4, adapter_layers=2, gate_per_head=per_head)
-    model = build("llama", method)
-    _export(method, model, tmp_path)
+    model = helpers.build("llama", method)
+    helpers.export_peft(method, model, tmp_path)
     data = batch("left")
     torch.testing.assert_close(
-        _peft_logits(tmp_path, data, caplog), logits(model, data), atol=1e-5, rtol=1e-5
+        _peft_logits(tmp_path, data, caplog), helpers.logits(model, data), atol=1e-5, rtol=1e-5
     )
 
 
 def test_v1_peft_round_trip_after_training(tmp_path, caplog):
     """One gate per layer; peft's raw gate is our tanh(gate). Tolerance 1e-5 (float32 reassociation)."""
     method = LlamaAdapter(adapter_len=4, adapter_layers=2, gate_per_head=False)
-    model = build("llama", method)
+    model = helpers.build("llama", method)
     train(model, batch(), steps=6)
     gates = [p for n, p in model.named_parameters() if n.endswith("gate")]
     assert all(g.abs().item() > 1e-3 for g in gates)
-    _export(method, model, tmp_path)
+    helpers.export_peft(method, model, tmp_path)
     data = batch("left")
-    ours = logits(model, data)
+    ours = helpers.logits(model, data)
     keep = data["attention_mask"].bool()
     torch.testing.assert_close(_peft_logits(tmp_path, data, caplog)[keep], ours[keep], atol=1e-5, rtol=1e-5)
-    assert (logits(base_model("llama"), data)[keep] - ours[keep]).abs().max() > 1e-3
+    assert (helpers.logits(helpers.base_model("llama"), data)[keep] - ours[keep]).abs().max() > 1e-3
 
 
 def test_v1_export_refuses_what_peft_cannot_express(tmp_path):
     method = LlamaAdapter(adapter_len=4, adapter_layers=1)
-    model = build("llama", method)
+    model = helpers.build("llama", method)
     train(model, batch(), steps=3)
     with pytest.raises(LitPeftError, match="gate_per_head"):
         method.to_peft(model, method.adapter_state_dict(model))
     gpt2_method = LlamaAdapter(adapter_len=4, adapter_layers=1)
-    gpt2 = build("gpt2", gpt2_method)
+    gpt2 = helpers.build("gpt2", gpt2_method)
     with pytest.raises(LitPeftError, match="llama and mistral"):
         gpt2_method.to_peft(gpt2, gpt2_method.adapter_state_dict(gpt2))
     with pytest.raises(LitPeftError, match="no Hugging Face peft equivalent"):
@@ -331,34 +264,36 @@ def test_v1_export_refuses_what_peft_cannot_express(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_v2_merge_gives_a_plain_hf_model_plus_v1_prompts(arch, tmp_path):
     method = LlamaAdapterV2(adapter_len=4, adapter_layers=2)
-    model = build(arch, method)
+    model = helpers.build(arch, method)
     train(model, batch(), steps=6)
     data = batch("left")
-    unmerged = logits(model, data)
+    unmerged = helpers.logits(model, data)
     with adapters_disabled(model):
-        base = logits(model, data)
+        base = helpers.logits(model, data)
     prompt_method, prompt_state = method.prompts(model)
     merged = method.merge(model)
-    assert type(merged) is type(base_model(arch)) and not any(p.requires_grad for p in merged.parameters())
+    assert type(merged) is type(helpers.base_model(arch)) and not any(
+        p.requires_grad for p in merged.parameters()
+    )
     assert merged.config._attn_implementation == "sdpa"
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    plain = logits(reloaded, data)
+    plain = helpers.logits(reloaded, data)
     # bias/scale/norms alone differ from the base, and from the full adapter (the prompts are not in it)
     assert (plain - base).abs().max() > 1e-3
     # merged base + the prompts as a v1 adapter = the unmerged v2 model
     prompt_method.apply(reloaded)
     prompt_method.load_adapter_state_dict(reloaded, prompt_state)
-    torch.testing.assert_close(logits(reloaded, data), unmerged, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(helpers.logits(reloaded, data), unmerged, atol=1e-5, rtol=1e-4)
 
 
 def test_v2_merge_refuses_layers_the_architecture_cannot_give_a_bias():
     method = LlamaAdapterV2(adapter_len=2, adapter_layers=1)
-    model = build("qwen2", method)
+    model = helpers.build("qwen2", method)
     with pytest.raises(LitPeftError, match="o_proj|mlp"):
         method.merge(model)
     ok = LlamaAdapterV2(adapter_len=2, adapter_layers=1, target_modules=["q_proj", "k_proj", "v_proj"])
-    merged = ok.merge(build("qwen2", ok))
+    merged = ok.merge(helpers.build("qwen2", ok))
     assert merged.config._attn_implementation == "sdpa"
 
 
@@ -375,7 +310,7 @@ def test_bad_config_names_the_option(make, option):
 
 
 def test_more_adapter_layers_than_the_model_has():
-    model = base_model("llama")
+    model = helpers.base_model("llama")
     with pytest.raises(LitPeftError, match="adapter_layers=5.*2 layers"):
         LlamaAdapter(adapter_layers=5).apply(model)
     assert model.config._attn_implementation == "sdpa"  # refused before the model was touched
@@ -405,10 +340,10 @@ def test_v1_peft_parity_on_smollm2(tmp_path, caplog):
         for n, p in model.named_parameters():
             if n.endswith("gate"):
                 p.fill_(0.5)
-    ours = logits(model, data)
-    _export(method, model, tmp_path)
+    ours = helpers.logits(model, data)
+    helpers.export_peft(method, model, tmp_path)
     with warnings.catch_warnings(record=True):
-        theirs = logits(peft.PeftModel.from_pretrained(load_model(spec), tmp_path).eval(), data)
+        theirs = helpers.logits(peft.PeftModel.from_pretrained(load_model(spec), tmp_path).eval(), data)
     keep = data["attention_mask"].bool()
     torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
-    assert (logits(load_model(spec), data)[keep] - ours[keep]).abs().max() > 1e-2
+    assert (helpers.logits(load_model(spec), data)[keep] - ours[keep]).abs().max() > 1e-2

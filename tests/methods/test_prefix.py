@@ -3,14 +3,10 @@ bf16, generation with the KV cache, the saved adapter, bad configs."""
 
 from __future__ import annotations
 
-import json
-import logging
-import warnings
-
+import method_helpers as helpers
 import peft
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from litpeft.errors import LitPeftError
 from litpeft.methods import METHODS, PrefixTuning, PTuningV2, adapters_disabled
@@ -22,38 +18,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello there", "A prefi
 
 
 def batch(padding_side: str = "right") -> dict[str, torch.Tensor]:
-    tok = tiny_tokenizer()
-    tok.padding_side = padding_side
-    enc = tok(TEXTS, return_tensors="pt", padding=True)
-    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    return dict(enc)
-
-
-def build(arch: str, method: PrefixTuning, seed: int = 0) -> torch.nn.Module:
-    model = load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
-    torch.manual_seed(seed)
-    return method.apply(model)
-
-
-def train(
-    model: torch.nn.Module, data: dict[str, torch.Tensor], steps: int = 5, lr: float = 1e-2
-) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-def logits(model: torch.nn.Module, data: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    """``TEXTS`` padded on ``padding_side``, labelled."""
+    return helpers.labelled_batch(TEXTS, padding_side)
 
 
 def methods() -> list[PrefixTuning]:
@@ -69,11 +35,11 @@ def test_registered_under_own_names():
 @pytest.mark.parametrize("projection", [True, False])
 def test_trainable_count_equals_peft_and_formula(arch, projection):
     n, hidden = 7, 24
-    model = build(
+    model = helpers.build(
         arch, PrefixTuning(num_virtual_tokens=n, prefix_projection=projection, encoder_hidden_size=hidden)
     )
     ours = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base = load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
+    base = helpers.base_model(arch)
     config = peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=n, prefix_projection=projection, encoder_hidden_size=hidden
     )
@@ -98,24 +64,18 @@ def test_trainable_count_equals_peft_and_formula(arch, projection):
 def test_peft_round_trip_after_training(arch, make, tmp_path, caplog):
     """Export after training; peft loads the files without key warnings and gives the same logits (1e-5)."""
     method = make()
-    model = build(arch, method)
-    train(model, batch(), steps=3)
+    model = helpers.build(arch, method)
+    helpers.train(model, batch(), steps=3)
     data = batch("left")
-    ours = logits(model, data)
-    config, tensors = method.to_peft(model, method.adapter_state_dict(model))
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
-    base = load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
-    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        loaded = peft.PeftModel.from_pretrained(base, tmp_path).eval()
-    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
-    assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
-    theirs = logits(loaded, data)
+    ours = helpers.logits(model, data)
+    helpers.export_peft(method, model, tmp_path)
+    theirs = helpers.logits(
+        helpers.peft_model_without_missing_keys(helpers.base_model(arch), tmp_path, caplog), data
+    )
     keep = data["attention_mask"].bool()
     torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-5, rtol=1e-5)
     # and the prefix matters: the base model's logits differ
-    plain = logits(load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer()), data)
+    plain = helpers.logits(helpers.base_model(arch), data)
     assert (plain[keep] - ours[keep]).abs().max() > 1e-2
 
 
@@ -123,41 +83,27 @@ def test_peft_round_trip_after_training(arch, make, tmp_path, caplog):
 @pytest.mark.parametrize("index", [0, 1])
 def test_training_reduces_loss_and_changes_only_the_prefix(arch, index):
     method = methods()[index]
-    model = build(arch, method)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model = helpers.build(arch, method)
+    before = helpers.snapshot(model, parameters_only=True)
+    trainable = helpers.trainable_names(model)
     assert trainable and all("litpeft_prefix" in n or n.startswith(ENCODER) for n in trainable)
     # P-tuning v2 trains raw prompts (std 1, as peft and the paper's code): a larger step size
-    losses = train(model, batch(), steps=8, lr=1e-2 if method.prefix_projection else 1e-1)
+    losses = helpers.train(model, batch(), steps=8, lr=1e-2 if method.prefix_projection else 1e-1)
     assert losses[-1] < losses[0] - 0.1
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == trainable
+    assert helpers.changed(model, before, parameters_only=True) == trainable
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_padding_side_does_not_change_real_token_logits(arch):
     """Each sample alone equals its row in a left- or right-padded batch (positions from the mask)."""
-    model = build(arch, PTuningV2(5)).eval()
-    tok = tiny_tokenizer()
-    for side in ("left", "right"):
-        data = batch(side)
-        positions = (data["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            padded = model(
-                input_ids=data["input_ids"], attention_mask=data["attention_mask"], position_ids=positions
-            ).logits
-        for i, text in enumerate(TEXTS):
-            ids = tok(text, return_tensors="pt")["input_ids"]
-            with torch.no_grad():
-                alone = model(input_ids=ids).logits[0]
-            keep = data["attention_mask"][i].bool()
-            torch.testing.assert_close(padded[i][keep], alone, atol=1e-5, rtol=1e-5)
+    model = helpers.build(arch, PTuningV2(5)).eval()
+    helpers.assert_padding_side_does_not_change_real_token_logits(model, TEXTS)
 
 
 def test_real_tokens_start_at_position_n():
     """The rotary embedding sees positions N.. for the real tokens (the prefix holds 0..N-1); 0.. when disabled."""
     n = 4
-    model = build("llama", PTuningV2(n)).eval()
+    model = helpers.build("llama", PTuningV2(n)).eval()
     seen = []
     rotary = model.model.rotary_emb
     handle = rotary.register_forward_hook(
@@ -165,11 +111,11 @@ def test_real_tokens_start_at_position_n():
         with_kwargs=True,
     )
     data = batch("right")
-    logits(model, data)
+    helpers.logits(model, data)
     length = data["input_ids"].shape[1]
     assert torch.equal(seen[-1][0], torch.arange(n, n + length))
     with adapters_disabled(model):
-        logits(model, data)
+        helpers.logits(model, data)
     assert torch.equal(seen[-1][0], torch.arange(length))
     handle.remove()
 
@@ -187,11 +133,11 @@ def test_positions_past_the_context_are_refused(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_disabled_prefix_is_the_base_model(arch):
-    model = build(arch, PrefixTuning(5, encoder_hidden_size=16))
+    model = helpers.build(arch, PrefixTuning(5, encoder_hidden_size=16))
     data = batch("left")
     with adapters_disabled(model):
-        ours = logits(model, data)
-    base = logits(load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer()), data)
+        ours = helpers.logits(model, data)
+    base = helpers.logits(helpers.base_model(arch), data)
     torch.testing.assert_close(ours, base, atol=0, rtol=0)
 
 
@@ -201,15 +147,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch, index):
     data = batch("left")
     grads = []
     for checkpointing in (False, True):
-        model = build(arch, methods()[index])
+        model = helpers.build(arch, methods()[index])
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        loss = model(**data, use_cache=False).loss
-        loss.backward()
-        grads.append(
-            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        )
+        grads.append(helpers.loss_and_grads(model, data))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     assert grads[0][1].keys() == grads[1][1].keys()
     for name in grads[0][1]:
@@ -219,32 +160,16 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch, index):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_autocast_and_bf16_weights(arch):
     data = batch("left")
-    model = build(arch, PrefixTuning(5, encoder_hidden_size=16))
-    reference = logits(model, data)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = logits(model, data)
-        loss = model(**data).loss
-    loss.backward()
-    assert torch.isfinite(loss)
-    keep = data["attention_mask"].bool()
-    assert (mixed.float()[keep] - reference[keep]).abs().max() < 0.1
-    model.to(torch.bfloat16)
-    assert torch.isfinite(logits(model, data)).all()
+    model = helpers.build(arch, PrefixTuning(5, encoder_hidden_size=16))
+    helpers.assert_bf16_autocast_and_bf16_weights(model, data)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("index", [0, 1])
 def test_generate_with_cache_equals_without(arch, index):
-    model = build(arch, methods()[index]).eval()
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    enc = tok(TEXTS[:2], return_tensors="pt", padding=True)
-    out = {}
-    for use_cache in (True, False):
-        out[use_cache] = model.generate(
-            **enc, max_new_tokens=10, do_sample=False, use_cache=use_cache, pad_token_id=tok.pad_token_id
-        )
-    assert torch.equal(out[True], out[False])
+    model = helpers.build(arch, methods()[index]).eval()
+    enc = helpers.padded(TEXTS[:2], "left")
+    helpers.greedy_with_cache_equals_without(model, enc, tiny_tokenizer().pad_token_id, 10)
     # the prefix never enters the KV cache
     with torch.no_grad():
         cache = model(**enc, use_cache=True).past_key_values
@@ -253,25 +178,20 @@ def test_generate_with_cache_equals_without(arch, index):
 
 @pytest.mark.parametrize("arch", ["mistral", "phi3"])
 def test_other_interface_architectures(arch):
-    model = build(arch, PrefixTuning(4, encoder_hidden_size=16))
+    model = helpers.build(arch, PrefixTuning(4, encoder_hidden_size=16))
     assert (
-        train(model, batch(), steps=6)[-1]
-        < train(build(arch, PrefixTuning(4, encoder_hidden_size=16)), batch(), 1)[0]
+        helpers.train(model, batch(), steps=6)[-1]
+        < helpers.train(helpers.build(arch, PrefixTuning(4, encoder_hidden_size=16)), batch(), 1)[0]
     )
-    tok = tiny_tokenizer()
-    tok.padding_side = "left"
-    enc = tok(TEXTS[:2], return_tensors="pt", padding=True)
-    a, b = (
-        model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=c, pad_token_id=tok.pad_token_id)
-        for c in (True, False)
+    helpers.greedy_with_cache_equals_without(
+        model, helpers.padded(TEXTS[:2], "left"), tiny_tokenizer().pad_token_id, 6
     )
-    assert torch.equal(a, b)
 
 
 def test_adapter_holds_the_projected_prefix_only():
     method = PrefixTuning(5, encoder_hidden_size=16)
-    model = build("llama", method)
-    train(model, batch(), steps=2)
+    model = helpers.build("llama", method)
+    helpers.train(model, batch(), steps=2)
     state = method.adapter_state_dict(model)
     assert not any(ENCODER in k for k in state)
     assert sorted(state) == sorted(
@@ -279,12 +199,12 @@ def test_adapter_holds_the_projected_prefix_only():
     )
     assert state["model.layers.0.self_attn.litpeft_prefix.key"].shape == (2, 5, 16)  # (kv heads, N, head_dim)
     data = batch("left")
-    expected = logits(model, data)
+    expected = helpers.logits(model, data)
     fresh_method = PrefixTuning(5, encoder_hidden_size=16)
-    fresh = build("llama", fresh_method, seed=1)
+    fresh = helpers.build("llama", fresh_method, seed=1)
     fresh_method.load_adapter_state_dict(fresh, state)
     assert not hasattr(fresh, ENCODER)
-    torch.testing.assert_close(logits(fresh, data), expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(helpers.logits(fresh, data), expected, atol=1e-6, rtol=1e-6)
     assert sum(p.numel() for p in fresh.parameters() if p.requires_grad) == 2 * 2 * 2 * 5 * 16
 
 
@@ -328,14 +248,16 @@ def test_adapter_directory_round_trip(make, tmp_path):
     from litpeft.adapter import load_adapter, read_adapter_weights, save_adapter
 
     method = make()
-    model = build("llama", method)
-    train(model, batch(), steps=2)
+    model = helpers.build("llama", method)
+    helpers.train(model, batch(), steps=2)
     save_adapter(tmp_path, SimpleNamespace(model=model, method=method, model_spec="tiny:llama"))
     assert sum(v.numel() for v in read_adapter_weights(tmp_path).values()) == 2 * 2 * 2 * 5 * 16
     loaded, _, loaded_method, _ = load_adapter(tmp_path)
     assert type(loaded_method) is type(method)
     data = batch("left")
-    torch.testing.assert_close(logits(loaded, data), logits(model, data), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        helpers.logits(loaded, data), helpers.logits(model, data), atol=1e-6, rtol=1e-6
+    )
 
 
 @pytest.mark.integration
@@ -351,10 +273,8 @@ def test_peft_parity_on_smollm2(make, tmp_path):
     method = make()
     torch.manual_seed(0)
     model = method.apply(load_model(spec))
-    ours = logits(model, data)
-    config, tensors = method.to_peft(model, method.adapter_state_dict(model))
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
-    theirs = logits(peft.PeftModel.from_pretrained(load_model(spec), tmp_path).eval(), data)
+    ours = helpers.logits(model, data)
+    helpers.export_peft(method, model, tmp_path)
+    theirs = helpers.logits(peft.PeftModel.from_pretrained(load_model(spec), tmp_path).eval(), data)
     keep = data["attention_mask"].bool()
     torch.testing.assert_close(ours[keep], theirs[keep], atol=1e-4, rtol=1e-4)
