@@ -123,7 +123,7 @@ def test_real_tokens_start_at_position_n():
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_positions_past_the_context_are_refused(arch):
     """tiny:* models have 512 positions; 8 prefix positions leave room for 504 tokens, not 505."""
-    model = build(arch, PTuningV2(num_virtual_tokens=8))
+    model = helpers.build(arch, PTuningV2(num_virtual_tokens=8))
     ids = torch.randint(0, 250, (1, 505), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert model(input_ids=ids[:, :504]).logits.shape[1] == 504
