@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from litpeft.data.collate import IGNORE_INDEX
 from litpeft.methods import LoRA, PeftMethod
@@ -24,6 +25,56 @@ from litpeft.quantize import QuantMode, check_mode, quantize_model
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
+
+
+def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Hold the frozen ``nn.Linear``/``Conv1D`` weights and biases in ``dtype``; return how many layers.
+
+    Under ``*-mixed`` autocast runs every linear layer in ``dtype`` and casts a frozen weight on every use
+    (its cast cache keeps only trainable leaves), so storing them cast once gives bit-identical results
+    with half the memory and none of the per-step casts. Embeddings, norms, a head tied to the
+    embeddings and all trainable tensors keep fp32, and so do the layers under DoRA (its column norms
+    read the weight in fp32). Outside autocast, hooks run such a layer in ``dtype`` and return its output
+    in the input's dtype, so the model still runs as before (e.g. called directly after ``fit``).
+    """
+    tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    dora = {
+        id(m.base_layer) for m in model.modules() if getattr(m, "lora_magnitude_vector", None) is not None
+    }
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            type(module) not in (torch.nn.Linear, Conv1D)
+            or id(module) in dora
+            or weight is tied
+            or weight.requires_grad
+            or weight.dtype != torch.float32
+        ):
+            continue
+        module.weight.data = weight.data.to(dtype)
+        if module.bias is not None and not module.bias.requires_grad:
+            module.bias.data = module.bias.data.to(dtype)
+        module.register_forward_pre_hook(_outside_autocast_in)
+        module.register_forward_hook(_outside_autocast_out)
+        count += 1
+    return count
+
+
+def _outside_autocast_in(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Outside autocast: cast the input to the stored weight's dtype (and remember its own dtype)."""
+    x = args[0]
+    module._litpeft_input_dtype = None
+    if torch.is_autocast_enabled(x.device.type) or x.dtype == module.weight.dtype:
+        return None
+    module._litpeft_input_dtype = x.dtype
+    return (x.to(module.weight.dtype), *args[1:])
+
+
+def _outside_autocast_out(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+    """...and give the output back in the input's dtype, as the fp32 layer would."""
+    dtype = module._litpeft_input_dtype
+    return None if dtype is None else output.to(dtype)
 
 
 @contextlib.contextmanager
@@ -111,6 +162,8 @@ class PeftLM(L.LightningModule):
             self.method.apply(model)
             if model.config._attn_implementation == "sdpa":  # a method may have set its own attention
                 model.set_attn_implementation(CPU_SDPA)
+            if self.autocast_dtype() is not None:
+                store_frozen_linears(model, self.autocast_dtype())
         if self.gradient_checkpointing:
             # transformers >= 5.x names it activation_checkpointing_enable; both wrap each decoder layer's forward
             enable = getattr(model, "activation_checkpointing_enable", None)
@@ -125,6 +178,11 @@ class PeftLM(L.LightningModule):
         """fp32, unless the trainer runs ``bf16-true`` or ``16-true`` (then the base is loaded in that dtype)."""
         precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
         return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 under ``bf16-mixed``, fp16 under ``16-mixed``, else None."""
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
     def _apply(self, fn: Any, recurse: bool = True) -> PeftLM:
         # Lightning's *-true precision plugins cast the whole module (``module.to(bf16)``); the trainable

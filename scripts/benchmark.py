@@ -355,10 +355,18 @@ def _lora_forward_before(self: Any, x: Any) -> Any:
     return result + lora.to(result.dtype)
 
 
+SPEED_CHANGES = ["cpu_sdpa", "lora_forward", "padding_mask", "frozen_bf16"]
+
+
 def _ablate(module: Any, ablate: list[str]) -> None:
     """Undo speed changes for a before/after comparison: ``cpu_sdpa`` (attention back to transformers'
     sdpa in the compute dtype), ``lora_forward`` (LoRALinear's forward as it was before),
-    ``padding_mask`` (keep the attention mask of right-padded batches)."""
+    ``padding_mask`` (keep the attention mask of right-padded batches), ``frozen_bf16`` (leave the frozen
+    linear weights in fp32 under bf16-mixed, autocast casting them at every use)."""
+    if "frozen_bf16" in ablate:
+        import litpeft.module
+
+        litpeft.module.store_frozen_linears = lambda model, dtype: 0
     if "lora_forward" in ablate:
         from litpeft.methods.lora import LoRALinear
 
@@ -666,17 +674,19 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                     }
                 )
             if i == 0 and args.ablation:  # litpeft without its speed changes, right after the pair
-                cfgs.append(
-                    {
-                        **base,
-                        "runner": "litpeft",
-                        "method": "lora",
-                        "precision": precision,
-                        "ablate": ["cpu_sdpa", "lora_forward", "padding_mask"],
-                        "repeat": repeat,
-                        "table": "ablation",
-                    }
-                )
+                # all of them in every repeat; each one alone in the first
+                for ablate in [SPEED_CHANGES] + ([[c] for c in SPEED_CHANGES] if repeat == 0 else []):
+                    cfgs.append(
+                        {
+                            **base,
+                            "runner": "litpeft",
+                            "method": "lora",
+                            "precision": precision,
+                            "ablate": ablate,
+                            "repeat": repeat,
+                            "table": "ablation",
+                        }
+                    )
     for precision in ["bf16-true"] + (["nf4"] if _has_quantize() else []):
         for runner in ["litpeft", "peft"]:
             if precision == "nf4" and runner == "peft":
@@ -975,10 +985,11 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
             and "error" not in r
         ]
         if after:
+            which = "all" if res["ablate"] == SPEED_CHANGES else " + ".join(res["ablate"])
             lines.append(
-                f"- litpeft's speed changes, {res['precision']} run {res['repeat'] + 1}: "
-                f"**{after[0]['tokens_per_s'] / res['tokens_per_s']:.2f}x** tokens/s over litpeft without them, "
-                f"peak RSS {after[0]['peak_rss_mb'] / res['peak_rss_mb']:.2f}x"
+                f"- litpeft's speed changes ({which}), {res['precision']} run {res['repeat'] + 1}: "
+                f"**{after[0]['tokens_per_s'] / res['tokens_per_s']:.2f}x** tokens/s over litpeft without "
+                f"them, peak RSS {after[0]['peak_rss_mb'] / res['peak_rss_mb']:.2f}x"
             )
     for res in results:
         if res["runner"] == "litpeft" and res["table"] == "methods" and "error" in res:

@@ -29,8 +29,68 @@ def test_bf16_true_keeps_the_adapter_and_its_optimizer_state_in_fp32(tmp_path: P
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_fp32_weights_train_under_32_true_and_bf16_mixed(tmp_path: Path, precision: str) -> None:
     module = fit_tiny_lora(tmp_path, precision)
-    assert all(p.dtype == torch.float32 for p in module.parameters())
+    for n, p in module.named_parameters():
+        # bf16-mixed holds the frozen linear weights in bf16 (what autocast computes them in anyway)
+        frozen_linear = not p.requires_grad and ".base_layer." in n
+        assert p.dtype == (
+            torch.bfloat16 if precision == "bf16-mixed" and frozen_linear else torch.float32
+        ), n
     assert all(p.abs().sum() > 0 for n, p in module.named_parameters() if "lora_B" in n)
+    ids = torch.randint(0, 250, (1, 8))
+    with torch.no_grad():  # outside autocast the model still runs
+        assert module.model(ids).logits.isfinite().all()
+
+
+def _loss_and_grads(
+    module: PeftLM, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = module.loss_and_accuracy(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "arch, method",
+    [
+        ("llama", "lora"),
+        ("gpt2", "lora"),  # Conv1D
+        ("qwen2", "prefix_tuning"),  # frozen linears without a wrapper, biases on q/k/v
+        ("llama", "dora"),  # DoRA's base layers keep fp32
+    ],
+)
+def test_bf16_mixed_frozen_linears_in_bf16_give_the_same_loss_and_gradients(arch: str, method: str) -> None:
+    """Storing the frozen linear weights in bf16 is what autocast does on each use: bit-identical."""
+    from lightning.pytorch import Trainer
+
+    from litpeft.methods import method_from_config
+    from litpeft.module import store_frozen_linears
+
+    init_args = {"r": 4, "use_dora": True} if method == "dora" else {}
+    config = {"class_path": "lora" if method == "dora" else method, "init_args": init_args}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 250, (2, 10), generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+    results = []
+    for store in (False, True):
+        torch.manual_seed(0)
+        module = PeftLM(f"tiny:{arch}", method=method_from_config(config))
+        if store:
+            module.trainer = Trainer(precision="bf16-mixed", logger=False, enable_progress_bar=False)
+        module.configure_model()
+        with torch.no_grad():
+            for p in module.trainable_parameters():
+                p.normal_(std=0.05, generator=g.manual_seed(1))
+        stored = [(n, p) for n, p in module.model.named_parameters() if p.dtype == torch.bfloat16]
+        assert bool(stored) == (store and method != "dora")
+        assert all(n.endswith((".weight", ".bias")) and not p.requires_grad for n, p in stored)
+        results.append(_loss_and_grads(module, batch))
+        if store:
+            assert store_frozen_linears(module.model, torch.bfloat16) == 0  # nothing left in fp32 to store
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    for n in grads_a:
+        torch.testing.assert_close(grads_b[n], grads_a[n], rtol=0, atol=0, msg=n)
 
 
 def test_bf16_true_on_a_quantized_base(tmp_path: Path) -> None:
