@@ -1,0 +1,132 @@
+"""Interleaved A/B of litpeft's speed changes, one process (not a test).
+
+    python scripts/ab_speed.py --threads 2                  # LoRA r16 on SmolLM2-135M, demo batches
+    python scripts/ab_speed.py --method prompt_tuning --changes frozen_bf16
+
+``scripts/benchmark.py`` runs each configuration in its own process, so a few percent are lost in the
+spread between processes (20% and more on a shared machine). Here each change is measured against
+litpeft with all changes in the same process: two models built from the same seed, the same batches,
+the steps alternating A B B A, so that whatever else the machine does slows both alike. The figure per
+change is the median over steps of (step time without it) / (step time with it): above 1 the change
+helps. The step is PeftLM's loss, backward and AdamW, without Lightning's loop (the same for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from benchmark import METHODS, SPEED_CHANGES, _lora_forward_before, batches, model_spec
+
+
+@contextlib.contextmanager
+def _without_frozen_bf16(active: bool) -> Iterator[None]:
+    import litpeft.module
+
+    store = litpeft.module.store_frozen_linears
+    if active:
+        litpeft.module.store_frozen_linears = lambda model, dtype: 0
+    try:
+        yield
+    finally:
+        litpeft.module.store_frozen_linears = store
+
+
+def build(method: str, precision: str, without: str | None) -> tuple[Any, torch.optim.Optimizer]:
+    """litpeft's ``method`` with every speed change, or without the change ``without``."""
+    from lightning.pytorch import Trainer
+
+    from litpeft.methods import method_from_config
+    from litpeft.methods.lora import LoRALinear
+    from litpeft.module import PeftLM
+
+    torch.manual_seed(0)
+    module = PeftLM(
+        model_spec("smollm2-135m-instruct"), method=method_from_config(METHODS["lora"]["litpeft"])
+    )
+    module.trainer = Trainer(precision=precision, logger=False, enable_progress_bar=False, accelerator="cpu")
+    with _without_frozen_bf16(without == "frozen_bf16"):
+        module.configure_model()
+    if without == "cpu_sdpa":
+        module.model.set_attn_implementation("sdpa")
+    if without == "padding_mask":
+        module.drop_padding_mask = False
+    if without == "lora_forward":
+        for m in module.model.modules():
+            if isinstance(m, LoRALinear):
+                m.forward = types.MethodType(_lora_forward_before, m)
+    return module, torch.optim.AdamW(module.trainable_parameters(), lr=2e-4)
+
+
+def step(
+    module: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], precision: str
+) -> float:
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        loss, _, _ = module.loss_and_accuracy(module.without_padding_mask(batch))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def compare(
+    method: str, change: str, precision: str, data: list[dict[str, torch.Tensor]], warmup: int
+) -> dict[str, Any]:
+    with_all, without = build(method, precision, None), build(method, precision, change)
+    ratios, times = [], {"with": [], "without": []}
+    for i, batch in enumerate(data):
+        order = [("with", with_all), ("without", without)]
+        order = order if i % 2 == 0 else order[::-1]  # A B, then B A
+        t = {name: step(*pair, batch, precision) for name, pair in order}
+        if i >= warmup:
+            ratios.append(t["without"] / t["with"])
+            for name in t:
+                times[name].append(t[name])
+    return {
+        "change": change,
+        "precision": precision,
+        "speedup_median": round(statistics.median(ratios), 3),
+        "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "step_s_median": {k: round(statistics.median(v), 3) for k, v in times.items()},
+        "steps": len(ratios),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--method", default="lora", choices=list(METHODS), help="as in scripts/benchmark.py")
+    parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true", "bf16-true"])
+    parser.add_argument("--changes", nargs="+", default=SPEED_CHANGES, choices=SPEED_CHANGES)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per model")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = batches(model_spec("smollm2-135m-instruct"), "demo", args.warmup + args.steps)
+    print(
+        f"{args.method}, {args.precision}, torch threads {torch.get_num_threads()}, "
+        f"{args.steps} steps after {args.warmup}"
+    )
+    for change in args.changes:
+        if change == "lora_forward" and not args.method.startswith("lora"):
+            continue
+        r = compare(args.method, change, args.precision, data, args.warmup)
+        print(
+            f"{change:14s} {r['speedup_median']:.3f}x (range {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}),"
+            f" step {r['step_s_median']['with']:.2f} s with, {r['step_s_median']['without']:.2f} s without",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
