@@ -2,6 +2,7 @@
 
     python scripts/ab_speed.py --threads 2                  # LoRA r16 on SmolLM2-135M, demo batches
     python scripts/ab_speed.py --method prompt_tuning --changes frozen_bf16
+    python scripts/ab_speed.py --peft --changes           # litpeft against transformers + peft only
 
 ``scripts/benchmark.py`` runs each configuration in its own process, so a few percent are lost in the
 spread between processes (20% and more on a shared machine). Here each change is measured against
@@ -9,6 +10,10 @@ litpeft with all changes in the same process: two models built from the same see
 the steps alternating A B B A, so that whatever else the machine does slows both alike. The figure per
 change is the median over steps of (step time without it) / (step time with it): above 1 the change
 helps. The step is PeftLM's loss, backward and AdamW, without Lightning's loop (the same for both).
+
+``--peft`` measures litpeft against transformers + peft the same way (peft's plain loop of
+scripts/benchmark.py: the model's own full-logits loss), the figure being peft's step time over
+litpeft's. Lightning's loop is left out on litpeft's side here; scripts/benchmark.py includes it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import contextlib
 import statistics
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -64,36 +69,57 @@ def build(method: str, precision: str, without: str | None) -> tuple[Any, torch.
     return module, torch.optim.AdamW(module.trainable_parameters(), lr=2e-4)
 
 
-def step(
-    module: Any, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], precision: str
-) -> float:
-    t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        loss, _, _ = module.loss_and_accuracy(module.without_padding_mask(batch))
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+Step = Callable[[dict[str, torch.Tensor]], float]
 
 
-def compare(
-    method: str, change: str, precision: str, data: list[dict[str, torch.Tensor]], warmup: int
-) -> dict[str, Any]:
-    with_all, without = build(method, precision, None), build(method, precision, change)
-    ratios, times = [], {"with": [], "without": []}
+def litpeft_step(method: str, precision: str, without: str | None) -> Step:
+    """One litpeft training step (loss at the loss positions, backward, AdamW), timed."""
+    module, optimizer = build(method, precision, without)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss, _, _ = module.loss_and_accuracy(module.without_padding_mask(batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def peft_step(method: str, precision: str) -> Step:
+    """One step of transformers + peft in the plain loop of scripts/benchmark.py, timed."""
+    from benchmark import _peft_model
+
+    model = _peft_model({"model": "smollm2-135m-instruct", "method": method, "precision": precision})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def compare(a: Step, b: Step, data: list[dict[str, torch.Tensor]], warmup: int) -> dict[str, Any]:
+    """Steps of ``a`` and ``b`` alternating A B, B A over ``data``; the median of (b time) / (a time)."""
+    ratios, times = [], {"a": [], "b": []}
     for i, batch in enumerate(data):
-        order = [("with", with_all), ("without", without)]
-        order = order if i % 2 == 0 else order[::-1]  # A B, then B A
-        t = {name: step(*pair, batch, precision) for name, pair in order}
+        order = [("a", a), ("b", b)] if i % 2 == 0 else [("b", b), ("a", a)]
+        t = {name: fn(batch) for name, fn in order}
         if i >= warmup:
-            ratios.append(t["without"] / t["with"])
+            ratios.append(t["b"] / t["a"])
             for name in t:
                 times[name].append(t[name])
     return {
-        "change": change,
-        "precision": precision,
-        "speedup_median": round(statistics.median(ratios), 3),
-        "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
         "step_s_median": {k: round(statistics.median(v), 3) for k, v in times.items()},
         "steps": len(ratios),
     }
@@ -105,7 +131,8 @@ def main() -> None:
     )
     parser.add_argument("--method", default="lora", choices=list(METHODS), help="as in scripts/benchmark.py")
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true", "bf16-true"])
-    parser.add_argument("--changes", nargs="+", default=SPEED_CHANGES, choices=SPEED_CHANGES)
+    parser.add_argument("--changes", nargs="*", default=SPEED_CHANGES, choices=SPEED_CHANGES)
+    parser.add_argument("--peft", action="store_true", help="also litpeft against transformers + peft")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -117,15 +144,23 @@ def main() -> None:
         f"{args.method}, {args.precision}, torch threads {torch.get_num_threads()}, "
         f"{args.steps} steps after {args.warmup}"
     )
-    for change in args.changes:
-        if change == "lora_forward" and not args.method.startswith("lora"):
-            continue
-        r = compare(args.method, change, args.precision, data, args.warmup)
+    against = ["peft"] if args.peft else []
+    against += [c for c in args.changes if not (c == "lora_forward" and not args.method.startswith("lora"))]
+    for other in against:
+        a = litpeft_step(args.method, args.precision, None)
+        b = (
+            peft_step(args.method, args.precision)
+            if other == "peft"
+            else litpeft_step(args.method, args.precision, other)
+        )
+        r = compare(a, b, data, args.warmup)
+        label = "litpeft vs peft" if other == "peft" else f"{other} (litpeft without it)"
         print(
-            f"{change:14s} {r['speedup_median']:.3f}x (range {r['speedup_range'][0]:.2f}-{r['speedup_range'][1]:.2f}),"
-            f" step {r['step_s_median']['with']:.2f} s with, {r['step_s_median']['without']:.2f} s without",
+            f"{label:32s} {r['ratio_median']:.3f}x (range {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}), "
+            f"step {r['step_s_median']['a']:.2f} s litpeft, {r['step_s_median']['b']:.2f} s other",
             flush=True,
         )
+        del a, b
 
 
 if __name__ == "__main__":
