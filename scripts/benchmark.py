@@ -6,7 +6,8 @@ decay, batch 8), same precision, same number of steps. Every configuration runs 
 so peak resident memory (``VmHWM``) is per configuration, and configurations are alternated
 (litpeft, peft, litpeft, ...) so that both sides see the same machine load.
 
-    python scripts/benchmark.py                         # full run: writes docs/benchmark.md and .svg
+    python scripts/benchmark.py                         # full run: writes docs/benchmark.md, .svg, .png
+    python scripts/benchmark.py --report-only           # rewrite the page and plots from benchmark.json
     python scripts/benchmark.py --steps 2 --warmup 1 --no-large --out runs/bench   # smoke run
     python scripts/benchmark.py --profile               # torch.profiler of one litpeft LoRA step
 
@@ -799,14 +800,24 @@ def main() -> None:
         "--only", nargs="*", default=None, help="tables to run: main precision methods shapes compile"
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
-    parser.add_argument("--out", type=Path, default=REPO / "docs", help="where benchmark.md/.svg/.json go")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "docs", help="where benchmark.md/.svg/.png/.json go"
+    )
     parser.add_argument("--profile", action="store_true", help="profile litpeft LoRA steps and exit")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite benchmark.md/.svg/.png from <out>/benchmark.json"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         result = worker(json.loads(args.worker))
         print("BENCH_RESULT " + json.dumps(result))
+        return
+    if args.report_only:
+        saved = json.loads((args.out / "benchmark.json").read_text())
+        write_report(saved["meta"], saved["results"], args.out)
+        print(f"wrote {args.out / 'benchmark.md'} from {args.out / 'benchmark.json'}")
         return
     if args.profile:
         for precision in args.precisions:
@@ -965,6 +976,10 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
         "## litpeft / peft, tokens per second",
         "",
     ]
+    write_svg(results, out / "benchmark.svg")
+    write_png(results, out / "benchmark.png")
+    if (out / "benchmark.png").is_file():
+        lines += ["![litpeft vs transformers + peft, tokens/s](benchmark.png)", ""]
     for lit, other in _pairs(results):
         r = lit["tokens_per_s"] / other["tokens_per_s"]
         m = lit["peak_rss_mb"] / other["peak_rss_mb"]
@@ -1039,7 +1054,54 @@ def write_report(meta: dict[str, Any], results: list[dict[str, Any]], out: Path)
     if page.is_file() and NOTES_MARK in page.read_text():
         notes = page.read_text().split(NOTES_MARK, 1)[1]
     page.write_text("\n".join(lines) + "\n\n" + NOTES_MARK + notes)
-    write_svg(results, out / "benchmark.svg")
+
+
+def write_png(results: list[dict[str, Any]], path: Path) -> None:
+    """litpeft against transformers + peft, tokens/s per configuration (needs matplotlib: ``litpeft[bench]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no benchmark.png (the .svg is written)")
+        return
+    pairs = _pairs(results)
+    if not pairs:
+        return
+    labels = [
+        f"{lit['method']} {lit['precision']} {lit['model'].split('-')[0]} {lit['data']}"
+        + (f" #{lit['repeat'] + 1}" if lit["repeat"] else "")
+        for lit, _ in pairs
+    ]
+    y = range(len(pairs))
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(pairs) + 1.4))
+    ax.barh(
+        [i - 0.2 for i in y], [lit["tokens_per_s"] for lit, _ in pairs], 0.4, label="litpeft", color="#792ee5"
+    )
+    ax.barh(
+        [i + 0.2 for i in y],
+        [o["tokens_per_s"] for _, o in pairs],
+        0.4,
+        label="transformers + peft",
+        color="#ff9d00",
+    )
+    for i, (lit, other) in enumerate(pairs):
+        ax.text(
+            lit["tokens_per_s"] + 3,
+            i - 0.2,
+            f"{lit['tokens_per_s'] / other['tokens_per_s']:.2f}x",
+            va="center",
+            fontsize=8,
+        )
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("training tokens/s (real tokens), higher is better")
+    ax.set_title("litpeft vs transformers + peft (ratio at litpeft's bar)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_svg(results: list[dict[str, Any]], path: Path) -> None:
