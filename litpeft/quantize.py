@@ -100,6 +100,8 @@ class QuantizedLinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no full-precision weight parameter
         check_mode(mode)
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        #: quantized from a GPT-2 ``Conv1D`` (merging must give one back, in its ``(in, out)`` layout)
+        self.from_conv1d = False
         n = in_features * out_features
         empty = dict(device=device)
         if mode == "int8":
@@ -128,6 +130,7 @@ class QuantizedLinear(nn.Linear):
         out_features, in_features = weight.shape
         bias = getattr(layer, "bias", None)
         q = cls(in_features, out_features, bias is not None, mode, device=weight.device)
+        q.from_conv1d = isinstance(layer, Conv1D)
         if bias is not None:
             q.bias = _frozen(bias.detach().clone())
         if weight.is_meta:
@@ -241,3 +244,20 @@ def quantize_model(model: nn.Module, mode: QuantMode, skip: tuple[nn.Module, ...
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes held by the parameters (quantized and not) of ``model``."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A frozen plain layer of ``layer``'s original kind: ``nn.Linear``, or GPT-2's ``Conv1D`` for a
+    ``Conv1D`` or a :class:`QuantizedLinear` made from one. ``weight`` is ``(out, in)``; merges use this
+    to replace an adapted or quantized layer by one that ``from_pretrained`` loads back."""
+    from transformers.pytorch_utils import Conv1D
+
+    out_features, in_features = weight.shape
+    if isinstance(layer, Conv1D) or getattr(layer, "from_conv1d", False):
+        plain: nn.Module = Conv1D(out_features, in_features)
+        weight = weight.T
+    else:
+        plain = nn.Linear(in_features, out_features, bias=bias is not None)
+    plain.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
+    plain.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
+    return plain.to(weight.device)

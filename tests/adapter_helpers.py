@@ -30,10 +30,11 @@ def make_adapter(
     style: str = "alpaca",
     scale: float = 0.3,
     seed: int = 0,
+    quantize: str | None = None,
 ) -> Path:
     """An adapter dir as ``fit`` leaves it, without training: every trainable tensor gets seeded noise,
     so the adapter changes the model's outputs (a zero-init adapter would pass any equality test)."""
-    lm = PeftLM(model=model, method=method)
+    lm = PeftLM(model=model, method=method, quantize=quantize)
     lm.configure_model()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

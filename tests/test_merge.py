@@ -38,6 +38,29 @@ CASES: list = [
 ]
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+@pytest.mark.parametrize(
+    "make_method",
+    [lambda: LoRA(r=4), lambda: LoRA(r=4, use_dora=True, bias="all")],
+    ids=["lora", "dora-bias-all"],
+)
+def test_merge_into_a_quantized_gpt2_gives_conv1d_layers_back(
+    tmp_path, quantize: str, make_method: Callable[[], PeftMethod]
+) -> None:
+    """GPT-2's Conv1D stores (in, out): a merged quantized layer must go back to a Conv1D, or
+    ``from_pretrained`` refuses the shapes (and would silently transpose a square one)."""
+    from transformers.pytorch_utils import Conv1D
+
+    adapter = make_adapter(tmp_path / "adapter", "tiny:gpt2", make_method(), quantize=quantize)
+    merge(str(adapter), str(tmp_path / "merged"))
+    ours, _, _, _ = load_adapter(adapter)  # the quantized base + adapter, as trained
+    merged = _load_plain(tmp_path / "merged")
+    block = merged.transformer.h[0]
+    assert all(isinstance(m, Conv1D) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc))
+    ids = token_ids()
+    torch.testing.assert_close(logits(merged, ids), logits(ours, ids), atol=1e-4, rtol=1e-4)
+
+
 def _load_plain(directory) -> AutoModelForCausalLM:
     model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

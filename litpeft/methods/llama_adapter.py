@@ -31,6 +31,7 @@ from transformers.pytorch_utils import Conv1D
 from litpeft.errors import LitPeftError
 from litpeft.methods.attention import AdaptionPrompt, attention_modules, restore_attention, use_peft_attention
 from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, replace_module
+from litpeft.quantize import plain_layer
 
 ADAPTION = "litpeft_adaption"  # attribute of the attention module that holds its AdaptionPrompt
 
@@ -138,17 +139,11 @@ class BiasScaleLinear(nn.Module, PeftLayer):
         """A plain layer of the same kind with ``s * W`` and bias ``s * (b0 + b)``."""
         base, s = self.base_layer, self.adapter_scale.float()
         w = base.weight.float()
-        w = w * s[None, :] if isinstance(base, Conv1D) else w * s[:, None]
+        w = w.T if isinstance(base, Conv1D) else w  # (out, in)
         b0 = base.bias.float() if base.bias is not None else 0.0
         bias = s * (b0 + self.adapter_bias.float())
-        if isinstance(base, Conv1D):
-            layer = Conv1D(w.shape[1], w.shape[0])
-        else:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=True)
         dtype = base.weight.dtype
-        layer.weight = nn.Parameter(w.to(dtype), requires_grad=False)
-        layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-        return layer.to(base.weight.device)
+        return plain_layer(base, (w * s[:, None]).to(dtype), bias.to(dtype))
 
 
 class TunedNorm(nn.Module, PeftLayer):

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, replace_module
+from litpeft.quantize import plain_layer
 
 
 class LoRALinear(nn.Module, PeftLayer):
@@ -177,7 +178,8 @@ class LoRA(PeftMethod):
                 weight = module.merged_weight()
                 # a subclass (e.g. litpeft.quantize.QuantizedLinear) is replaced by a plain layer
                 if base.weight.dtype != weight.dtype or type(base) not in (nn.Linear, Conv1D):
-                    base = _plain_like(base, weight)
+                    out_in = weight.T if module.fan_in_fan_out else weight
+                    base = plain_layer(base, out_in, getattr(base, "bias", None))
                 else:
                     base.weight.data.copy_(weight)
                 replace_module(model, name, base)
@@ -225,16 +227,3 @@ class LoRA(PeftMethod):
                 k += ".weight"
             tensors["base_model.model." + k] = v
         return config, tensors
-
-
-def _plain_like(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """A plain ``nn.Linear``/``Conv1D`` with ``weight``, replacing a quantized layer on merge."""
-    bias = getattr(layer, "bias", None)
-    if isinstance(layer, Conv1D):
-        plain = Conv1D(weight.shape[1], weight.shape[0])
-    else:
-        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    plain.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if bias is not None:
-        plain.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
-    return plain
