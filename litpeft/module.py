@@ -255,7 +255,22 @@ class PeftLM(L.LightningModule):
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/token_acc", acc, batch_size=n)
-        return loss
+        return self.weigh_by_tokens(loss, n)
+
+    def weigh_by_tokens(self, loss: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Make data-parallel training average over all ranks' tokens, as one process would.
+
+        DDP and FSDP average the ranks' gradients, and each rank's loss is a mean over its own loss
+        tokens, so a rank with fewer tokens would weigh each of them more. With ``W`` ranks and ``N``
+        loss tokens in all, ``loss * n * W / N`` makes the averaged gradient that of the mean over all
+        ``N`` tokens (one all-reduce of a scalar per step; nothing changes on one device).
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return loss
+        local = torch.tensor(float(num_tokens), device=loss.device)
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")  # reduces in place
+        return loss * (local * world / total.clamp(min=1.0))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))

@@ -4,6 +4,7 @@ Lightning starts the second process by running this script again. In one launch 
 (gloo) it trains, each time from the same seed, on the equal-length data the test wrote to OUT/data:
 
 - ``ddp``: LoRA under DDP, 2 steps of 2 samples per rank;
+- ``ddp_uneven``: the same on OUT/uneven, whose samples have different numbers of loss tokens;
 - ``fsdp``: LoRA on an nf4 base under PeftFSDPStrategy with gradient checkpointing, 4 steps of 2 samples
   per rank, a checkpoint every 2 steps;
 - ``fsdp_resumed``: the same run resumed from its step-2 checkpoint;
@@ -68,6 +69,7 @@ def fit(
     every_n_steps: int | None = None,
     adapter_dir: bool = True,
     method: str = "lora",
+    data: str = "data",
 ) -> None:
     """One fit; shared with the single-process reference runs of the test."""
     L.seed_everything(0)
@@ -81,8 +83,8 @@ def fit(
     )
     module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
     data = InstructionDataModule(
-        train_file=str(out / "data" / "train.jsonl"),
-        val_file=str(out / "data" / "val.jsonl"),
+        train_file=str(out / data / "train.jsonl"),
+        val_file=str(out / data / "val.jsonl"),
         batch_size=batch_size,
     )
     callbacks = []
@@ -110,6 +112,7 @@ def fit(
 
 def main(out: Path) -> None:
     fit(out, "ddp", "ddp", 2, 2, 2)
+    fit(out, "ddp_uneven", "ddp", 2, 2, 2, data="uneven")
     fit(out, "fsdp", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, every_n_steps=2)
     ckpt = str(out / "fsdp" / "ckpt" / "epoch=0-step=2.ckpt")
     fit(out, "fsdp_resumed", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, ckpt_path=ckpt)

@@ -1,9 +1,9 @@
 """DDP and FSDP (PeftFSDPStrategy) on 2 CPU processes (gloo) against single-process runs.
 
 One launch of tests/distributed_worker.py trains four runs (see its docstring); the single-process
-references run here with the same global batch (4 = 2 ranks x 2). The data has equal-length samples, so
-the mean loss of each rank's half equals the mean over the whole batch, and DDP's/FSDP's gradient average
-is the single process's gradient. litpeft's ResumableSampler hands rank r the samples r, r+2, ... of the
+references run here with the same global batch (4 = 2 ranks x 2). Most runs use equal-length samples;
+``ddp_uneven`` uses samples with different numbers of loss tokens, where PeftLM.weigh_by_tokens makes
+DDP's gradient average equal the single process's mean over all tokens. litpeft's ResumableSampler hands rank r the samples r, r+2, ... of the
 shuffled order: together the ranks see exactly the single process's batches.
 """
 
@@ -47,6 +47,22 @@ def write_equal_length_data(directory: Path) -> None:
     (directory / "val.jsonl").write_text("".join(json.dumps(row()) + "\n" for _ in range(4)))
 
 
+def write_uneven_data(directory: Path) -> None:
+    """Answers of 1 to 12 words: the ranks' halves of a batch carry different numbers of loss tokens."""
+    rng = random.Random(1)
+    words = ["alpha", "gamma", "delta", "omega", "sigma", "theta", "kappa"]
+    rows = [
+        {
+            "instruction": "Say some words.",
+            "output": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
+        }
+        for _ in range(20)
+    ]
+    directory.mkdir(parents=True)
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    (directory / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:]))
+
+
 def adapter(out: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(out / name / "adapter" / "adapter.safetensors")
 
@@ -62,6 +78,7 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     write_equal_length_data(out / "data")
+    write_uneven_data(out / "uneven")
     env = {**os.environ, "PYTHONPATH": str(WORKER.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -70,6 +87,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     fit(out, "single_lora", "auto", 1, 4, 2)
+    fit(out, "single_uneven", "auto", 1, 4, 2, data="uneven")
     fit(out, "single_nf4", "auto", 1, 4, 4, "nf4")
     fit(out, "single_int8", "auto", 1, 4, 2, "int8")
     for name in METHODS:
@@ -83,6 +101,13 @@ def test_ddp_equals_one_process_with_the_same_global_batch(runs: Path) -> None:
     b = adapter(runs, "single_lora")
     assert all(v.abs().sum() > 0 for k, v in b.items() if "lora_B" in k)  # trained away from B = 0
     assert_same_adapter(adapter(runs, "ddp"), b, atol=2e-4)  # lr 1e-2: a step moves B by ~1e-2
+
+
+@pytest.mark.slow
+def test_ddp_weighs_every_token_alike_when_ranks_have_different_token_counts(runs: Path) -> None:
+    """Each rank's loss is a mean over its own tokens; PeftLM rescales so that DDP's gradient average is
+    the mean over all tokens, as in one process (this test fails without it)."""
+    assert_same_adapter(adapter(runs, "ddp_uneven"), adapter(runs, "single_uneven"), atol=2e-4)
 
 
 @pytest.mark.slow
