@@ -722,7 +722,10 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             if why:
                 cfg["error"] = why if runner == "litpeft" else "not run: litpeft has no counterpart here"
             cfgs.append(cfg)
-    if args.long:
+    shapes = ([{"data": "long", "steps": max(2, args.steps // 3)}] if args.long else []) + (
+        [{"model": "llama-0.5b", "steps": max(2, args.steps // 4)}] if args.large else []
+    )
+    for shape in shapes:
         for runner in ["litpeft", "peft"]:
             cfgs.append(
                 {
@@ -730,26 +733,10 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "runner": runner,
                     "method": "lora",
                     "precision": "bf16-mixed",
-                    "data": "long",
-                    "steps": max(2, args.steps // 3),
                     "warmup": 1,
                     "repeat": 0,
                     "table": "shapes",
-                }
-            )
-    if args.large:
-        for runner in ["litpeft", "peft"]:
-            cfgs.append(
-                {
-                    **base,
-                    "runner": runner,
-                    "method": "lora",
-                    "precision": "bf16-mixed",
-                    "model": "llama-0.5b",
-                    "steps": max(2, args.steps // 4),
-                    "warmup": 1,
-                    "repeat": 0,
-                    "table": "shapes",
+                    **shape,
                 }
             )
     if args.compile:

@@ -2,7 +2,8 @@
 # The GPU check of issue #6 in one call on a lent GPU machine (the `device` tool's `run`, carry [".whl"]).
 #
 # Its image has torch (CUDA), lightning, transformers, peft and torchmetrics but nothing can be
-# fetched there, so the missing wheels travel in .whl/ (ignored by git; about 58 MB). Here, once:
+# fetched there, so the missing wheels travel in .whl/ (ignored by git; about 58 MB) and are installed
+# into .cuda-site/ in the copied checkout (ignored too). Here, once:
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_24_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
@@ -12,7 +13,7 @@
 # Then run: bash scripts/cuda_check.sh   (writes $OUT/cuda_check.jsonl; about 2-4 minutes on one H200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .cuda-site .whl/*.whl
+export PYTHONPATH="$PWD/.cuda-site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 scripts/cuda_check.py --out "${OUT:-.}"
