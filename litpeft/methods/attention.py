@@ -52,22 +52,27 @@ def cpu_sdpa_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Any]:
-    """transformers' SDPA attention, computed in float32 when bf16/fp16 inputs are on the CPU.
+    """transformers' SDPA attention, computed in float32 on the CPU under bf16/fp16.
 
     PyTorch's CPU flash-attention kernel is about 3x slower in bf16 than in fp32 on short sequences
     (forward + backward of 8 x 79 tokens, 9 heads: 37 vs 13 ms) and no faster on long ones (512 tokens:
-    241 vs 248 ms), so under bf16 on the CPU the attention product runs in fp32 (see docs/benchmark.md).
+    241 vs 248 ms), so on the CPU the attention product runs in fp32 with autocast off, whether the
+    inputs are bf16 (``bf16-true``) or arrive as fp32 under autocast (``bf16-mixed``: RoPE's fp32 cos/sin
+    promote the bf16 projections, and autocast would cast them back down for the kernel). The output has
+    the dtype the model's own sdpa would give: the autocast dtype under autocast, else the query's.
     Anywhere else this is transformers' own ``sdpa``.
     """
-    if query.device.type != "cpu" or query.dtype not in (torch.bfloat16, torch.float16):
+    autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if query.device.type != "cpu" or not (autocast or query.dtype in (torch.bfloat16, torch.float16)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out_dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast("cpu", enabled=False):
         out, weights = sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
         )
-    return out.to(query.dtype), weights
+    return out.to(out_dtype), weights
 
 
 class PrefixKV(nn.Module, PeftLayer):

@@ -146,22 +146,45 @@ def test_cpu_attention_runs_in_fp32_and_matches_the_formula() -> None:
     torch.testing.assert_close(out.double(), reference, rtol=1e-2, atol=1e-2)
 
 
+def kernel_spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, bool]]:
+    """Record (query dtype, autocast on) at every call of torch's sdpa kernel itself."""
+    seen: list[tuple[torch.dtype, bool]] = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return kernel(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cpu_attention_kernel_runs_in_fp32_under_autocast(arch, monkeypatch):
+    """Under bf16-mixed, RoPE's fp32 cos/sin hand Llama's attention fp32 queries (GPT-2's stay bf16); in
+    both cases the kernel itself must run in fp32 with autocast off, forward and backward."""
+    seen = kernel_spy(monkeypatch)
+    model = load_model(f"tiny:{arch}", tokenizer=tiny_tokenizer())
+    model.set_attn_implementation(attention.CPU_SDPA)
+    model.requires_grad_(True)
+    ids = encode("right")["input_ids"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids).logits
+    logits.float().sum().backward()
+    assert len(seen) == model.config.num_hidden_layers
+    assert set(seen) == {(torch.float32, False)}
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 def test_prefix_attention_under_bf16_on_the_cpu_runs_in_fp32(monkeypatch):
     """The prefix methods' wrapper takes the same fp32-on-CPU path as plain models (bf16 in, bf16 out)."""
-    seen: list[torch.dtype] = []
-    inner = attention.sdpa_attention_forward
-
-    def spy(module, query, *args, **kwargs):
-        seen.append(query.dtype)
-        return inner(module, query, *args, **kwargs)
-
-    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    seen = kernel_spy(monkeypatch)
     model = both_methods("llama", "sdpa")
     enc = encode("left")
     with torch.no_grad():
         reference = model(**enc).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(**enc).logits
-    assert seen and set(seen) == {torch.float32}
+    assert seen and set(seen) == {(torch.float32, False)}
     keep = enc["attention_mask"].bool()
     torch.testing.assert_close(low[keep].float(), reference[keep], atol=0.1, rtol=0.05)
