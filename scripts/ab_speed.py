@@ -53,7 +53,7 @@ def build(method: str, precision: str, without: str | None) -> tuple[Any, torch.
 
     torch.manual_seed(0)
     module = PeftLM(
-        model_spec("smollm2-135m-instruct"), method=method_from_config(METHODS["lora"]["litpeft"])
+        model_spec("smollm2-135m-instruct"), method=method_from_config(METHODS[method]["litpeft"])
     )
     module.trainer = Trainer(precision=precision, logger=False, enable_progress_bar=False, accelerator="cpu")
     with _without_frozen_bf16(without == "frozen_bf16"):

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from litpeft.errors import LitPeftError
 from litpeft.methods import METHODS, LlamaAdapter, LlamaAdapterV2, adapters_disabled
 from litpeft.methods import attention as attention_module
+from litpeft.methods.llama_adapter import BiasScaleLinear
 from litpeft.models import load_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2", "gpt2"]
@@ -199,6 +200,39 @@ def test_bf16(arch, make):
     model = helpers.build(arch, make())
     train(model, batch(), steps=2)
     helpers.assert_bf16_autocast_and_bf16_weights(model, data)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_v2_bias_scale_under_autocast_is_the_fp32_formula_rounded(kind):
+    """Under bf16 autocast the bias/scale runs in bf16 (y + (s-1) y + s b): within bf16 rounding of s (y + b)
+    computed in fp32 from the same bf16 y, gradients of s and b included; and a scale of 1.003, below bf16's
+    spacing at 1, still acts (s itself cast to bf16 would be exactly 1)."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 48) if kind == "linear" else Conv1D(48, 32)
+    layer = BiasScaleLinear(base.requires_grad_(False))
+    with torch.no_grad():
+        layer.adapter_scale.uniform_(0.5, 1.5)
+        layer.adapter_bias.normal_()
+    x = torch.randn(4, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = base(x).detach()
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    s, b = (p.detach().clone().requires_grad_(True) for p in (layer.adapter_scale, layer.adapter_bias))
+    reference = s * (y.float() + b)
+    torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=2**-7)
+    grad = torch.randn_like(reference)
+    out.float().backward(grad)
+    reference.backward(grad)
+    for ours, theirs in [(layer.adapter_scale.grad, s.grad), (layer.adapter_bias.grad, b.grad)]:
+        # a sum over 64 tokens of bf16 products: an error relative to the largest entry, not to each one
+        torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
+    with torch.no_grad():
+        layer.adapter_scale.fill_(1.003)
+        layer.adapter_bias.zero_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            relative = (layer(x).float() / y.float() - 1)[y.abs() > 1e-3].mean()
+    assert relative > 1e-3
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "mistral", "phi3"])
