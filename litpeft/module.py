@@ -32,10 +32,13 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
     Under ``*-mixed`` autocast runs every linear layer in ``dtype`` and casts a frozen weight on every use
     (its cast cache keeps only trainable leaves), so storing them cast once gives bit-identical results
-    with half the memory and none of the per-step casts. Embeddings, norms, a head tied to the
-    embeddings and all trainable tensors keep fp32, and so do the layers under DoRA (its column norms
-    read the weight in fp32). Outside autocast, hooks run such a layer in ``dtype`` and return its output
-    in the input's dtype, so the model still runs as before (e.g. called directly after ``fit``).
+    with half the memory and none of the per-step casts. A frozen head tied to the embeddings gets its
+    own ``dtype`` copy (the embedding lookup keeps the fp32 table): autocast would otherwise cast the whole
+    vocabulary matrix twice a step (the model's own empty head call, then litpeft's at the loss positions),
+    while the copy costs no more than the cast that autocast keeps for the backward. Embeddings, norms and
+    all trainable tensors keep fp32, and so do the layers under DoRA (its column norms read the weight in
+    fp32). Outside autocast, hooks run such a layer in ``dtype`` and return its output in the input's dtype,
+    so the model still runs as before (e.g. called directly after ``fit``).
     """
     tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     dora = {
@@ -47,12 +50,14 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
         if (
             type(module) not in (torch.nn.Linear, Conv1D)
             or id(module) in dora
-            or weight is tied
             or weight.requires_grad
             or weight.dtype != torch.float32
         ):
             continue
-        module.weight.data = weight.data.to(dtype)
+        if weight is tied:
+            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        else:
+            module.weight.data = weight.data.to(dtype)
         if module.bias is not None and not module.bias.requires_grad:
             module.bias.data = module.bias.data.to(dtype)
         module.register_forward_pre_hook(_outside_autocast_in)

@@ -30,8 +30,9 @@ def test_bf16_true_keeps_the_adapter_and_its_optimizer_state_in_fp32(tmp_path: P
 def test_fp32_weights_train_under_32_true_and_bf16_mixed(tmp_path: Path, precision: str) -> None:
     module = fit_tiny_lora(tmp_path, precision)
     for n, p in module.named_parameters():
-        # bf16-mixed holds the frozen linear weights in bf16 (what autocast computes them in anyway)
-        frozen_linear = not p.requires_grad and ".base_layer." in n
+        # bf16-mixed holds the frozen linear weights in bf16 (what autocast computes them in anyway),
+        # the tied head included (its own copy; the embedding table stays fp32)
+        frozen_linear = not p.requires_grad and (".base_layer." in n or n.endswith("lm_head.weight"))
         assert p.dtype == (
             torch.bfloat16 if precision == "bf16-mixed" and frozen_linear else torch.float32
         ), n
@@ -82,8 +83,19 @@ def test_bf16_mixed_frozen_linears_in_bf16_give_the_same_loss_and_gradients(arch
             for p in module.trainable_parameters():
                 p.normal_(std=0.05, generator=g.manual_seed(1))
         stored = [(n, p) for n, p in module.model.named_parameters() if p.dtype == torch.bfloat16]
-        assert bool(stored) == (store and method != "dora")
+        names = {n for n, _ in stored}
+        if not store:
+            assert not names
+        elif method == "dora":  # DoRA's base layers keep fp32; the head (tied or not) is stored all the same
+            assert names == {"lm_head.weight"}
+        else:
+            assert "lm_head.weight" in names and len(names) > 1
         assert all(n.endswith((".weight", ".bias")) and not p.requires_grad for n, p in stored)
+        embedding, head = module.model.get_input_embeddings(), module.model.get_output_embeddings()
+        assert embedding.weight.dtype == torch.float32
+        if store and module.model.config.tie_word_embeddings:  # the head's own bf16 copy of the table
+            assert head.weight.dtype == torch.bfloat16
+            torch.testing.assert_close(head.weight, embedding.weight.bfloat16(), rtol=0, atol=0)
         results.append(_loss_and_grads(module, batch))
         if store:
             assert store_frozen_linears(module.model, torch.bfloat16) == 0  # nothing left in fp32 to store
