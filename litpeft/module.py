@@ -128,6 +128,9 @@ class PeftLM(L.LightningModule):
         # Checkpoints hold only the trainable tensors; loading them must not demand the frozen base.
         self.strict_loading = False
         self.train_loss, self.val_loss, self.val_acc = MeanMetric(), MeanMetric(), MeanMetric()
+        # loss tokens (all ranks) of the first micro-batch of the current optimizer step, and of all so far
+        self._step_first_tokens: torch.Tensor | None = None
+        self._step_tokens: torch.Tensor | None = None
 
     # -- model --------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -263,19 +266,41 @@ class PeftLM(L.LightningModule):
         return self.weigh_by_tokens(loss, n)
 
     def weigh_by_tokens(self, loss: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Make data-parallel training average over all ranks' tokens, as one process would.
+        """Make an optimizer step average over all its loss tokens, as one process with one batch would.
 
-        DDP and FSDP average the ranks' gradients, and each rank's loss is a mean over its own loss
-        tokens, so a rank with fewer tokens would weigh each of them more. With ``W`` ranks and ``N``
-        loss tokens in all, ``loss * n * W / N`` makes the averaged gradient that of the mean over all
-        ``N`` tokens (one all-reduce of a scalar per step; nothing changes on one device).
+        Each micro-batch's loss is a mean over its own ``n`` loss tokens. DDP and FSDP average the ranks'
+        gradients and Lightning's gradient accumulation averages the ``k`` micro-batches of a step, so a
+        rank or micro-batch with fewer tokens would weigh each of them more. With ``W`` ranks, ``N1`` loss
+        tokens in the step's first micro-batch of all ranks and ``N`` in the whole step, each micro-batch
+        returns ``loss * n * W / N1`` and :meth:`on_before_optimizer_step` multiplies the gradients by
+        ``k * N1 / N``: together the mean over all ``N`` tokens. One all-reduce of a scalar per micro-batch
+        under DDP/FSDP; nothing changes on one device without accumulation.
         """
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world == 1:
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        if world == 1 and accumulate == 1:
             return loss
         local = torch.tensor(float(num_tokens), device=loss.device)
-        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")  # reduces in place
-        return loss * (local * world / total.clamp(min=1.0))
+        total = trainer.strategy.reduce(local.clone(), reduce_op="sum") if world > 1 else local.clone()
+        if self._step_first_tokens is None:  # the first micro-batch of an optimizer step
+            self._step_first_tokens, self._step_tokens = total.clamp(min=1.0), total
+        else:
+            self._step_tokens = self._step_tokens + total
+        return loss * (local * world / self._step_first_tokens)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Finish :meth:`weigh_by_tokens` over the accumulated micro-batches (before gradient clipping)."""
+        first, total = self._step_first_tokens, self._step_tokens
+        self._step_first_tokens = self._step_tokens = None
+        accumulate = self.trainer.accumulate_grad_batches
+        if first is None or accumulate == 1:
+            return
+        factor = accumulate * first / total.clamp(min=1.0)
+        for group in optimizer.param_groups:  # the tensors the optimizer steps (FSDP's shards included)
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor.to(p.grad.device))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))

@@ -5,6 +5,7 @@ Lightning starts the second process by running this script again. In one launch 
 
 - ``ddp``: LoRA under DDP, 2 steps of 2 samples per rank;
 - ``ddp_uneven``: the same on OUT/uneven, whose samples have different numbers of loss tokens;
+- ``ddp_accumulated``: the same with 1 sample per rank and 2 micro-batches per optimizer step;
 - ``fsdp``: LoRA on an nf4 base under PeftFSDPStrategy with gradient checkpointing, 4 steps of 2 samples
   per rank, a checkpoint every 2 steps;
 - ``fsdp_resumed``: the same run resumed from its step-2 checkpoint;
@@ -70,6 +71,7 @@ def fit(
     adapter_dir: bool = True,
     method: str = "lora",
     data: str = "data",
+    accumulate: int = 1,
 ) -> None:
     """One fit; shared with the single-process reference runs of the test."""
     L.seed_everything(0)
@@ -106,6 +108,7 @@ def fit(
         limit_val_batches=1,
         val_check_interval=2,
         default_root_dir=str(out / name),
+        accumulate_grad_batches=accumulate,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
 
@@ -113,6 +116,7 @@ def fit(
 def main(out: Path) -> None:
     fit(out, "ddp", "ddp", 2, 2, 2)
     fit(out, "ddp_uneven", "ddp", 2, 2, 2, data="uneven")
+    fit(out, "ddp_accumulated", "ddp", 2, 1, 2, data="uneven", accumulate=2)
     fit(out, "fsdp", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, every_n_steps=2)
     ckpt = str(out / "fsdp" / "ckpt" / "epoch=0-step=2.ckpt")
     fit(out, "fsdp_resumed", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, ckpt_path=ckpt)

@@ -2,8 +2,9 @@
 
 One launch of tests/distributed_worker.py trains four runs (see its docstring); the single-process
 references run here with the same global batch (4 = 2 ranks x 2). Most runs use equal-length samples;
-``ddp_uneven`` uses samples with different numbers of loss tokens, where PeftLM.weigh_by_tokens makes
-DDP's gradient average equal the single process's mean over all tokens. litpeft's ResumableSampler hands rank r the samples r, r+2, ... of the
+``ddp_uneven`` and ``ddp_accumulated`` use samples with different numbers of loss tokens, where
+PeftLM.weigh_by_tokens makes DDP's gradient average (and gradient accumulation's) equal the single
+process's mean over all tokens. litpeft's ResumableSampler hands rank r the samples r, r+2, ... of the
 shuffled order: together the ranks see exactly the single process's batches.
 """
 
@@ -88,6 +89,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert proc.returncode == 0, proc.stderr[-4000:]
     fit(out, "single_lora", "auto", 1, 4, 2)
     fit(out, "single_uneven", "auto", 1, 4, 2, data="uneven")
+    fit(out, "single_accumulated", "auto", 1, 2, 2, data="uneven", accumulate=2)
     fit(out, "single_nf4", "auto", 1, 4, 4, "nf4")
     fit(out, "single_int8", "auto", 1, 4, 2, "int8")
     for name in METHODS:
@@ -108,6 +110,15 @@ def test_ddp_weighs_every_token_alike_when_ranks_have_different_token_counts(run
     """Each rank's loss is a mean over its own tokens; PeftLM rescales so that DDP's gradient average is
     the mean over all tokens, as in one process (this test fails without it)."""
     assert_same_adapter(adapter(runs, "ddp_uneven"), adapter(runs, "single_uneven"), atol=2e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["single_accumulated", "ddp_accumulated"])
+def test_gradient_accumulation_weighs_every_token_alike(runs: Path, run: str) -> None:
+    """Micro-batches of 2 (one process) or of 1 per rank (DDP), 2 per optimizer step, with different
+    numbers of loss tokens: the same adapter as whole batches of 4, where each token weighs alike (Lightning
+    alone would average the micro-batches' means; this test fails without PeftLM's rescaling)."""
+    assert_same_adapter(adapter(runs, run), adapter(runs, "single_uneven"), atol=2e-4)
 
 
 @pytest.mark.slow
