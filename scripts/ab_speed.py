@@ -3,6 +3,7 @@
     python scripts/ab_speed.py --threads 2                  # LoRA r16 on SmolLM2-135M, demo batches
     python scripts/ab_speed.py --method prompt_tuning --changes frozen_bf16
     python scripts/ab_speed.py --peft --changes           # litpeft against transformers + peft only
+    python scripts/ab_speed.py --vs-32-true --changes --precision bf16-true   # the precision's speedup
 
 ``scripts/benchmark.py`` runs each configuration in its own process, so a few percent are lost in the
 spread between processes (20% and more on a shared machine). Here each change is measured against
@@ -14,6 +15,8 @@ helps. The step is PeftLM's loss, backward and AdamW, without Lightning's loop (
 ``--peft`` measures litpeft against transformers + peft the same way (peft's plain loop of
 scripts/benchmark.py: the model's own full-logits loss), the figure being peft's step time over
 litpeft's. Lightning's loop is left out on litpeft's side here; scripts/benchmark.py includes it.
+``--vs-32-true`` measures litpeft at ``--precision`` against litpeft at 32-true (32-true's step time over
+the precision's: the precision's speedup).
 """
 
 from __future__ import annotations
@@ -133,6 +136,9 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed", choices=["bf16-mixed", "32-true", "bf16-true"])
     parser.add_argument("--changes", nargs="*", default=SPEED_CHANGES, choices=SPEED_CHANGES)
     parser.add_argument("--peft", action="store_true", help="also litpeft against transformers + peft")
+    parser.add_argument(
+        "--vs-32-true", action="store_true", help="also litpeft at --precision against litpeft at 32-true"
+    )
     parser.add_argument("--steps", type=int, default=10, help="measured steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -144,17 +150,20 @@ def main() -> None:
         f"{args.method}, {args.precision}, torch threads {torch.get_num_threads()}, "
         f"{args.steps} steps after {args.warmup}"
     )
-    against = ["peft"] if args.peft else []
+    against = (["peft"] if args.peft else []) + (["32-true"] if args.vs_32_true else [])
     against += [c for c in args.changes if not (c == "lora_forward" and not args.method.startswith("lora"))]
     for other in against:
         a = litpeft_step(args.method, args.precision, None)
-        b = (
-            peft_step(args.method, args.precision)
-            if other == "peft"
-            else litpeft_step(args.method, args.precision, other)
-        )
+        if other == "peft":
+            b = peft_step(args.method, args.precision)
+        elif other == "32-true":
+            b = litpeft_step(args.method, "32-true", None)
+        else:
+            b = litpeft_step(args.method, args.precision, other)
         r = compare(a, b, data, args.warmup)
-        label = "litpeft vs peft" if other == "peft" else f"{other} (litpeft without it)"
+        label = {"peft": "litpeft vs peft", "32-true": f"{args.precision} vs 32-true"}.get(
+            other, f"{other} (litpeft without it)"
+        )
         print(
             f"{label:32s} {r['ratio_median']:.3f}x (range {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}), "
             f"step {r['step_s_median']['a']:.2f} s litpeft, {r['step_s_median']['b']:.2f} s other",

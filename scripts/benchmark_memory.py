@@ -138,11 +138,13 @@ def interleave(model_spec: str, steps: int, batch: int, seq: int) -> dict:
     import torch
 
     from litpeft.methods import LoRA
+    from litpeft.methods.attention import CPU_SDPA
     from litpeft.models import load_model
 
     torch.manual_seed(0)
     model = load_model(model_spec, dtype=torch.float32)
     LoRA(r=16, alpha=32).apply(model)
+    model.set_attn_implementation(CPU_SDPA)  # as PeftLM: attention in fp32 on the CPU under bf16
     model.train()
     half = copy.deepcopy(model)
     for p in half.parameters():
