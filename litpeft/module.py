@@ -296,11 +296,11 @@ class PeftLM(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches
         if first is None or accumulate == 1:
             return
-        factor = accumulate * first / total.clamp(min=1.0)
+        factor = float(accumulate * first / total.clamp(min=1.0))  # a number: FSDP's grads are DTensors
         for group in optimizer.param_groups:  # the tensors the optimizer steps (FSDP's shards included)
             for p in group["params"]:
                 if p.grad is not None:
-                    p.grad.mul_(factor.to(p.grad.device))
+                    p.grad.mul_(factor)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))

@@ -6,6 +6,7 @@ Lightning starts the second process by running this script again. In one launch 
 - ``ddp``: LoRA under DDP, 2 steps of 2 samples per rank;
 - ``ddp_uneven``: the same on OUT/uneven, whose samples have different numbers of loss tokens;
 - ``ddp_accumulated``: the same with 1 sample per rank and 2 micro-batches per optimizer step;
+- ``fsdp_accumulated``: that under PeftFSDPStrategy;
 - ``fsdp``: LoRA on an nf4 base under PeftFSDPStrategy with gradient checkpointing, 4 steps of 2 samples
   per rank, a checkpoint every 2 steps;
 - ``fsdp_resumed``: the same run resumed from its step-2 checkpoint;
@@ -117,6 +118,7 @@ def main(out: Path) -> None:
     fit(out, "ddp", "ddp", 2, 2, 2)
     fit(out, "ddp_uneven", "ddp", 2, 2, 2, data="uneven")
     fit(out, "ddp_accumulated", "ddp", 2, 1, 2, data="uneven", accumulate=2)
+    fit(out, "fsdp_accumulated", PeftFSDPStrategy(), 2, 1, 2, data="uneven", accumulate=2)
     fit(out, "fsdp", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, every_n_steps=2)
     ckpt = str(out / "fsdp" / "ckpt" / "epoch=0-step=2.ckpt")
     fit(out, "fsdp_resumed", PeftFSDPStrategy(), 2, 2, 4, "nf4", True, ckpt_path=ckpt)

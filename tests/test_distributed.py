@@ -113,9 +113,9 @@ def test_ddp_weighs_every_token_alike_when_ranks_have_different_token_counts(run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["single_accumulated", "ddp_accumulated"])
+@pytest.mark.parametrize("run", ["single_accumulated", "ddp_accumulated", "fsdp_accumulated"])
 def test_gradient_accumulation_weighs_every_token_alike(runs: Path, run: str) -> None:
-    """Micro-batches of 2 (one process) or of 1 per rank (DDP), 2 per optimizer step, with different
+    """Micro-batches of 2 (one process) or of 1 per rank (DDP, FSDP), 2 per optimizer step, with different
     numbers of loss tokens: the same adapter as whole batches of 4, where each token weighs alike (Lightning
     alone would average the micro-batches' means; this test fails without PeftLM's rescaling)."""
     assert_same_adapter(adapter(runs, run), adapter(runs, "single_uneven"), atol=2e-4)
