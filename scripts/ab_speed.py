@@ -2,6 +2,7 @@
 
     python scripts/ab_speed.py --threads 2                  # LoRA r16 on SmolLM2-135M, demo batches
     python scripts/ab_speed.py --method prompt_tuning --changes frozen_bf16
+    python scripts/ab_speed.py --method lora_dropout --changes fast_dropout
     python scripts/ab_speed.py --peft --changes           # litpeft against transformers + peft only
     python scripts/ab_speed.py --vs-32-true --changes --precision bf16-true   # the precision's speedup
 
@@ -51,6 +52,7 @@ def build(method: str, precision: str, without: str | None) -> tuple[Any, torch.
     from lightning.pytorch import Trainer
 
     from litpeft.methods import method_from_config
+    from litpeft.methods.base import Dropout
     from litpeft.methods.lora import LoRALinear
     from litpeft.module import PeftLM
 
@@ -65,6 +67,10 @@ def build(method: str, precision: str, without: str | None) -> tuple[Any, torch.
         module.model.set_attn_implementation("sdpa")
     if without == "padding_mask":
         module.drop_padding_mask = False
+    if without == "fast_dropout":
+        for m in module.model.modules():
+            if isinstance(m, Dropout):
+                m.forward = types.MethodType(torch.nn.Dropout.forward, m)
     if without == "lora_forward":
         for m in module.model.modules():
             if isinstance(m, LoRALinear):

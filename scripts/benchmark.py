@@ -356,14 +356,21 @@ def _lora_forward_before(self: Any, x: Any) -> Any:
     return result + lora.to(result.dtype)
 
 
-SPEED_CHANGES = ["cpu_sdpa", "lora_forward", "padding_mask", "frozen_bf16"]
+SPEED_CHANGES = ["cpu_sdpa", "lora_forward", "padding_mask", "frozen_bf16", "fast_dropout"]
 
 
 def _ablate(module: Any, ablate: list[str]) -> None:
     """Undo speed changes for a before/after comparison: ``cpu_sdpa`` (attention back to transformers'
     sdpa in the compute dtype), ``lora_forward`` (LoRALinear's forward as it was before),
     ``padding_mask`` (keep the attention mask of right-padded batches), ``frozen_bf16`` (leave the frozen
-    linear weights in fp32 under bf16-mixed, autocast casting them at every use)."""
+    linear weights in fp32 under bf16-mixed, autocast casting them at every use), ``fast_dropout``
+    (torch's own CPU dropout masks in LoRA and the prefix methods; nothing to undo without dropout)."""
+    if "fast_dropout" in ablate:
+        from torch import nn
+
+        from litpeft.methods.base import Dropout
+
+        Dropout.forward = nn.Dropout.forward
     if "frozen_bf16" in ablate:
         import litpeft.module
 
@@ -676,7 +683,9 @@ def plan(args: argparse.Namespace) -> list[dict[str, Any]]:
                 )
             if i == 0 and args.ablation:  # litpeft without its speed changes, right after the pair
                 # all of them in every repeat; each one alone in the first
-                for ablate in [SPEED_CHANGES] + ([[c] for c in SPEED_CHANGES] if repeat == 0 else []):
+                # (fast_dropout alone is left out: the LoRA here has no dropout; see scripts/ab_speed.py)
+                alone = [[c] for c in SPEED_CHANGES if c != "fast_dropout"] if repeat == 0 else []
+                for ablate in [SPEED_CHANGES, *alone]:
                     cfgs.append(
                         {
                             **base,

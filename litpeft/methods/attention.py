@@ -37,7 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from litpeft.errors import LitPeftError
-from litpeft.methods.base import PeftLayer
+from litpeft.methods.base import Dropout, PeftLayer
 
 #: registered name -> the implementation it wraps
 WRAPPED = {"litpeft_sdpa": "sdpa", "litpeft_eager": "eager"}
@@ -94,7 +94,7 @@ class PrefixKV(nn.Module, PeftLayer):
         super().__init__()
         self.layer_idx, self.num_tokens = layer_idx, num_tokens
         self.source = source
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_parameter("key", None)
         self.register_parameter("value", None)
         if source is None:

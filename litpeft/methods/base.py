@@ -28,6 +28,28 @@ class PeftLayer:
     disabled: bool = False
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU masks take 16 random bits per element from 64-bit random words.
+
+    PyTorch's CPU dropout draws one Mersenne-Twister number per element: a mask for 632 x 1536
+    activations takes about 12-18 ms at 2 threads, 50x the multiply it feeds, and LoRA draws one per
+    adapted layer and step. Four 16-bit slices of each random int64 need 4x fewer draws. The drop
+    probability is ``p`` rounded to a multiple of 1/65536 (off by at most 7.7e-6) and the kept values are
+    scaled by the exact inverse of that keep probability, so the output stays unbiased. The masks come
+    from torch's CPU generator, so seeding and gradient checkpointing's RNG replay work as for
+    ``nn.Dropout``. On other devices, in eval mode and in place it is ``nn.Dropout``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = round(self.p * 65536)
+        if not self.training or x.device.type != "cpu" or self.inplace or not 0 < drop < 65536:
+            return super().forward(x)
+        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+        bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform on [-32768, 32767]
+        keep = (bits >= drop - 32768).to(x.dtype).mul_(65536 / (65536 - drop))
+        return x * keep
+
+
 class PeftMethod:
     """Base class of all PEFT methods. Subclass it, set ``name``, implement :meth:`inject`.
 

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, replace_module
+from litpeft.methods.base import Dropout, PeftLayer, PeftMethod, find_targets, replace_module
 from litpeft.quantize import plain_layer
 
 
@@ -50,7 +50,7 @@ class LoRALinear(nn.Module, PeftLayer):
         w = base_layer.weight
         self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
         self.reset_lora_parameters(init)

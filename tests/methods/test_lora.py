@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import method_helpers as helpers
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
 from litpeft.methods import LoRA, LoRALinear, adapters_disabled
-from litpeft.models import load_model
+from litpeft.models import load_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2", "gpt2", "mistral", "phi3"]
 
@@ -189,3 +190,21 @@ def test_bf16_autocast_forward_and_grads_equal_peft(arch: str) -> None:
         if p.requires_grad:
             ref = theirs_params["base_model.model." + name.replace(".weight", ".default.weight")].grad
             torch.testing.assert_close(p.grad, ref, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dropout_masks_replay_under_gradient_checkpointing(arch: str) -> None:
+    """LoRA's CPU dropout draws from torch's generator, which checkpointing restores before recomputing:
+    the same masks, so the same gradients as without checkpointing (and not those of no dropout)."""
+
+    def make(dropout: float) -> torch.nn.Module:
+        model = helpers.build(arch, LoRA(r=4, dropout=dropout))
+        _randomize_lora(model)
+        return model
+
+    batch = helpers.lm_batch(tiny_tokenizer(), ["a b c d e f", "g h i"])
+    plain, checkpointed = helpers.checkpointing_grads(lambda: make(0.3), batch)
+    no_dropout, _ = helpers.checkpointing_grads(lambda: make(0.0), batch)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.allclose(plain[n], no_dropout[n]) for n in plain if "lora_A" in n)
