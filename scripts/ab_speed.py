@@ -157,7 +157,13 @@ def main() -> None:
         f"{args.steps} steps after {args.warmup}"
     )
     against = (["peft"] if args.peft else []) + (["32-true"] if args.vs_32_true else [])
-    against += [c for c in args.changes if not (c == "lora_forward" and not args.method.startswith("lora"))]
+    has_dropout = METHODS[args.method]["litpeft"]["init_args"].get("dropout", 0) > 0
+    against += [
+        c
+        for c in args.changes
+        if not (c == "lora_forward" and not args.method.startswith("lora"))
+        and not (c == "fast_dropout" and not has_dropout)
+    ]
     for other in against:
         a = litpeft_step(args.method, args.precision, None)
         if other == "peft":
