@@ -290,7 +290,10 @@ class PeftLM(L.LightningModule):
         return loss * (local * world / self._step_first_tokens)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Finish :meth:`weigh_by_tokens` over the accumulated micro-batches (before gradient clipping)."""
+        """Finish :meth:`weigh_by_tokens` over the accumulated micro-batches (before gradient clipping).
+
+        A subclass that overrides this hook must call ``super().on_before_optimizer_step(optimizer)``.
+        """
         first, total = self._step_first_tokens, self._step_tokens
         self._step_first_tokens = self._step_tokens = None
         accumulate = self.trainer.accumulate_grad_batches
