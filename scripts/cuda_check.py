@@ -8,7 +8,9 @@ On a machine with a GPU (see scripts/cuda_check.sh for the one call that carries
 Checks, each a few optimizer steps of ``litpeft`` through Lightning on ``tiny:llama`` with the bundled
 demo data, after one validation pass (the step that broke bitsandbytes' CPU 4-bit backward):
 
-1. LoRA under ``bf16-mixed``, ``16-mixed`` (fp16 autocast + gradient scaler; GPU only) and ``bf16-true``;
+1. LoRA under ``bf16-mixed``, ``16-mixed`` (fp16 autocast + gradient scaler; GPU only) and ``bf16-true``,
+   and with 2 accumulated micro-batches per step under ``16-mixed`` (``bf16-mixed`` on the CPU): the token
+   weighting's gradient rescale runs after the scaler's unscale;
 2. every registered method on an ``nf4`` base under ``bf16-true``, and LoRA on ``int8``;
 3. ``PeftFSDPStrategy`` (FSDP2 over the devices, NCCL) with ``nf4``, gradient checkpointing, ``bf16-true``;
 4. peak memory and step time of LoRA on the ~1.1B Llama in fp32, bf16, nf4 and int8
@@ -51,7 +53,14 @@ def _snapshot_callback() -> Any:
     return Snapshot()
 
 
-def fit(device: str, method: str, precision: str, quantize: str | None = None, fsdp: bool = False) -> dict:
+def fit(
+    device: str,
+    method: str,
+    precision: str,
+    quantize: str | None = None,
+    fsdp: bool = False,
+    accumulate: int = 1,
+) -> dict:
     """A few steps of ``method`` on tiny:llama; what changed and the last loss."""
     import lightning as L
     import torch
@@ -85,6 +94,7 @@ def fit(device: str, method: str, precision: str, quantize: str | None = None, f
             strategy=strategy,
             precision=precision,
             max_steps=3,
+            accumulate_grad_batches=accumulate,
             limit_val_batches=1,
             num_sanity_val_steps=1,
             logger=False,
@@ -118,6 +128,9 @@ def plan(device: str, quick: bool) -> list[tuple[str, dict[str, Any]]]:
     checks = [(f"lora {p}", {"method": "lora", "precision": p}) for p in ["bf16-mixed", "bf16-true"]]
     if cuda:
         checks.append(("lora 16-mixed", {"method": "lora", "precision": "16-mixed"}))
+    # token weighting over accumulated micro-batches (after GradScaler's unscale under 16-mixed)
+    mixed = "16-mixed" if cuda else "bf16-mixed"
+    checks.append((f"lora {mixed} accumulate 2", {"method": "lora", "precision": mixed, "accumulate": 2}))
     methods = ["lora", "prefix_tuning"] if quick else sorted(METHODS)
     checks += [
         (f"{m} nf4 bf16-true", {"method": m, "precision": "bf16-true", "quantize": "nf4"}) for m in methods
