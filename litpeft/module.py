@@ -282,7 +282,7 @@ class PeftLM(L.LightningModule):
         if world == 1 and accumulate == 1:
             return loss
         local = torch.tensor(float(num_tokens), device=loss.device)
-        total = trainer.strategy.reduce(local.clone(), reduce_op="sum") if world > 1 else local.clone()
+        total = trainer.strategy.reduce(local.clone(), reduce_op="sum") if world > 1 else local
         if self._step_first_tokens is None:  # the first micro-batch of an optimizer step
             self._step_first_tokens, self._step_tokens = total.clamp(min=1.0), total
         else:
