@@ -21,7 +21,7 @@ from litpeft.commands import COMMANDS
 from litpeft.data import InstructionDataModule
 from litpeft.errors import LitPeftError
 from litpeft.methods import METHODS
-from litpeft.module import PeftLM
+from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
 from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
@@ -51,7 +51,7 @@ class LitPeftCLI(LightningCLI):
         parser.set_defaults(
             model={"class_path": "litpeft.module.PeftLM"},
             data={"class_path": "litpeft.data.InstructionDataModule"},
-            optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}},
+            optimizer=DEFAULT_OPTIMIZER,
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

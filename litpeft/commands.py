@@ -73,7 +73,7 @@ def load(
     allow_other_base: bool = False,
 ) -> Loaded:
     """The base model (``model``) or base + adapter (``adapter``; ``model`` then overrides its base path)."""
-    from litpeft.adapter import load_adapter, read_adapter_config
+    from litpeft.adapter_dir import load_adapter, read_adapter_config
     from litpeft.models import load_model, load_tokenizer
 
     if adapter is None and model is None:
@@ -503,7 +503,7 @@ def merge(
         allow_other_base: merge into a base whose weights differ from the one the adapter was trained on.
     """
     from litpeft import export
-    from litpeft.adapter import read_adapter_config
+    from litpeft.adapter_dir import read_adapter_config
     from litpeft.methods import method_from_config
 
     meta = read_adapter_config(adapter)
@@ -516,7 +516,7 @@ def merge(
     export.save_merged(merged, loaded.tokenizer, output, target, overwrite)
     print(f"merged model ({target}) written to {output}")
     if rest is not None:  # e.g. LLaMA-Adapter v2's gated prompts: an adapter of the merged model
-        from litpeft.adapter import write_adapter
+        from litpeft.adapter_dir import write_adapter
 
         method, tensors = rest
         where = write_adapter(
@@ -555,7 +555,7 @@ def export_adapter(
         allow_other_base: export against a base whose weights differ from the one it was trained on.
     """
     from litpeft import export
-    from litpeft.adapter import read_adapter_config, read_adapter_weights
+    from litpeft.adapter_dir import read_adapter_config, read_adapter_weights
     from litpeft.methods import method_from_config
     from litpeft.models import resolve_spec
 

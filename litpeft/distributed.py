@@ -32,6 +32,11 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from litpeft.adapter_dir import FINGERPRINT_ELEMENTS, base_fingerprint
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -77,7 +82,6 @@ class PeftFSDPStrategy(ModelParallelStrategy):
         """Full trainable tensors on rank 0 (an all-gather of each shard); the frozen base is left out."""
         if self._save_distributed_checkpoint:
             return super().lightning_module_state_dict()
-        from torch.distributed.tensor import DTensor
 
         state = {}
         for name, p in self.lightning_module.named_parameters():
@@ -104,9 +108,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def shard_model(build: Callable[..., nn.Module], mesh: DeviceMesh) -> nn.Module:
     """``build()`` on rank 0, ``build(meta=True)`` elsewhere; FSDP2 per decoder layer; weights from rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-
     rank = dist.get_rank()
     model = build(meta=rank != 0)
     full_state = model.state_dict() if rank == 0 else {}
@@ -136,10 +137,6 @@ def full_adapter(module: PeftLM) -> tuple[dict[str, torch.Tensor] | None, str | 
     A collective: every rank must call it (``PeftLM.on_fit_end`` does, then rank 0 writes). Returns
     ``(None, None)`` for a model that is not sharded, where ``save_adapter`` reads the model directly.
     """
-    from torch.distributed.tensor import DTensor
-
-    from litpeft.adapter import FINGERPRINT_ELEMENTS, base_fingerprint
-
     state = module.method.adapter_state_dict(module.model)
     emb = module.model.get_input_embeddings().weight
     if not isinstance(emb, DTensor) and not any(isinstance(v, DTensor) for v in state.values()):

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from litpeft.errors import LitPeftError
+from litpeft.files import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,6 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
 }
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$LITPEFT_CACHE``, else ``$XDG_CACHE_HOME/litpeft``, else ``~/.cache/litpeft``."""
-    if os.environ.get("LITPEFT_CACHE"):
-        return Path(os.environ["LITPEFT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "litpeft"
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
@@ -175,11 +169,9 @@ def convert_gguf(path: Path) -> Path:
         del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if not target.exists():  # another process may have finished first
-        tmp.replace(target)
+    with atomic_path(target, directory=True, replace=False) as tmp:  # another process may finish first
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

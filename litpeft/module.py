@@ -2,94 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from jsonargparse import lazy_instance
+from lightning.pytorch.cli import instantiate_class
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
-from litpeft.data.collate import IGNORE_INDEX
+from litpeft import precision
+from litpeft.adapter_dir import save_adapter
+from litpeft.distributed import data_parallel_mesh, full_adapter, shard_model
+from litpeft.loss import answer_logits, token_loss
 from litpeft.methods import LoRA, PeftMethod
 from litpeft.methods.attention import CPU_SDPA
 from litpeft.models import describe, load_model, load_tokenizer
 from litpeft.quantize import QuantMode, check_mode, quantize_model
+from litpeft.schedulers import build_lr_scheduler
+from litpeft.slurm import was_preempted
+from litpeft.speedups import SPEEDUPS
 
 log = logging.getLogger(__name__)
 
+#: AdamW over the trainable tensors; the CLI's default ``optimizer`` too.
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-4, "weight_decay": 0.0}}
-
-
-def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Hold the frozen ``nn.Linear``/``Conv1D`` weights and biases in ``dtype``; return how many layers.
-
-    Under ``*-mixed`` autocast runs every linear layer in ``dtype`` and casts a frozen weight on every use
-    (its cast cache keeps only trainable leaves), so storing them cast once gives bit-identical results
-    with half the memory and none of the per-step casts. A frozen head tied to the embeddings gets its
-    own ``dtype`` copy (the embedding lookup keeps the fp32 table): autocast would otherwise cast the whole
-    vocabulary matrix twice a step (the model's own empty head call, then litpeft's at the loss positions),
-    while the copy costs no more than the cast that autocast keeps for the backward. Embeddings, norms and
-    all trainable tensors keep fp32, and so do the layers under DoRA (its column norms read the weight in
-    fp32). Outside autocast, hooks run such a layer in ``dtype`` and return its output in the input's dtype,
-    so the model still runs as before (e.g. called directly after ``fit``).
-    """
-    tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    dora = {
-        id(m.base_layer) for m in model.modules() if getattr(m, "lora_magnitude_vector", None) is not None
-    }
-    count = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (
-            type(module) not in (torch.nn.Linear, Conv1D)
-            or id(module) in dora
-            or weight.requires_grad
-            or weight.dtype != torch.float32
-        ):
-            continue
-        if weight is tied:
-            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-        else:
-            module.weight.data = weight.data.to(dtype)
-        if module.bias is not None and not module.bias.requires_grad:
-            module.bias.data = module.bias.data.to(dtype)
-        module.register_forward_pre_hook(_outside_autocast_in)
-        module.register_forward_hook(_outside_autocast_out)
-        count += 1
-    return count
-
-
-def _outside_autocast_in(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Outside autocast: cast the input to the stored weight's dtype (and remember its own dtype)."""
-    x = args[0]
-    module._litpeft_input_dtype = None
-    if torch.is_autocast_enabled(x.device.type) or x.dtype == module.weight.dtype:
-        return None
-    module._litpeft_input_dtype = x.dtype
-    return (x.to(module.weight.dtype), *args[1:])
-
-
-def _outside_autocast_out(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-    """...and give the output back in the input's dtype, as the fp32 layer would."""
-    dtype = module._litpeft_input_dtype
-    return None if dtype is None else output.to(dtype)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 class PeftLM(L.LightningModule):
@@ -136,8 +75,6 @@ class PeftLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from litpeft.distributed import data_parallel_mesh, shard_model
-
         mesh = data_parallel_mesh(self)  # set only under PeftFSDPStrategy
         self.model = self.build_model() if mesh is None else shard_model(self.build_model, mesh)
         self.model.train()  # dropout as in ordinary fine-tuning; load_model returns eval mode
@@ -157,7 +94,7 @@ class PeftLM(L.LightningModule):
         The method's tensors are created in fp32 whatever the precision: under ``bf16-true`` only the
         frozen base is bf16, the adapter keeps fp32 weights (and AdamW fp32 states) and is cast at use.
         """
-        with _default_dtype(torch.float32):
+        with precision.default_dtype(torch.float32):
             model = load_model(
                 self.model_spec,
                 dtype=self.base_dtype(),
@@ -168,10 +105,11 @@ class PeftLM(L.LightningModule):
             if self.quantize:
                 quantize_model(model, self.quantize)
             self.method.apply(model)
-            if model.config._attn_implementation == "sdpa":  # a method may have set its own attention
+            # a method may have set its own attention
+            if model.config._attn_implementation == "sdpa" and SPEEDUPS.cpu_sdpa:
                 model.set_attn_implementation(CPU_SDPA)
             if self.autocast_dtype() is not None:
-                store_frozen_linears(model, self.autocast_dtype())
+                precision.store_frozen_linears(model, self.autocast_dtype())
         if self.gradient_checkpointing:
             # transformers >= 5.x names it activation_checkpointing_enable; both wrap each decoder layer's forward
             enable = getattr(model, "activation_checkpointing_enable", None)
@@ -184,13 +122,11 @@ class PeftLM(L.LightningModule):
 
     def base_dtype(self) -> torch.dtype:
         """fp32, unless the trainer runs ``bf16-true`` or ``16-true`` (then the base is loaded in that dtype)."""
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+        return precision.base_dtype(self._trainer.precision if self._trainer is not None else "32-true")
 
     def autocast_dtype(self) -> torch.dtype | None:
         """bf16 under ``bf16-mixed``, fp16 under ``16-mixed``, else None."""
-        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
-        return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        return precision.autocast_dtype(self._trainer.precision if self._trainer is not None else "32-true")
 
     def _apply(self, fn: Any, recurse: bool = True) -> PeftLM:
         # Lightning's *-true precision plugins cast the whole module (``module.to(bf16)``); the trainable
@@ -215,32 +151,12 @@ class PeftLM(L.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def loss_and_accuracy(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Mean next-token loss and accuracy over tokens whose label is not -100, and their count.
-
-        The LM head runs only at positions that carry loss: instruction data masks most tokens, and
-        the head is a large share of a small model's FLOPs. The call goes through the whole model (with no
-        logits kept) rather than its ``base_model``, so that FSDP's root unit gathers its parameters.
-        """
-        labels = batch["labels"][:, 1:]
-        keep = labels != IGNORE_INDEX
-        # The whole model is called (not its backbone) so that FSDP unshards the root's embedding and head;
-        # no logits are computed there. A packed batch has position_ids restarting at each sample.
-        hidden = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-            logits_to_keep=torch.zeros(0, dtype=torch.long, device=labels.device),
-            output_hidden_states=[-1],
-        ).hidden_states[-1][:, :-1]
-        logits = self.model.get_output_embeddings()(hidden[keep])
-        softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        target = labels[keep]
-        loss = F.cross_entropy(logits.float(), target)
-        accuracy = (logits.argmax(-1) == target).float().mean()
-        return loss, accuracy, int(target.numel())
+        """Mean next-token loss and accuracy over tokens whose label is not -100, and their count
+        (:func:`litpeft.loss.answer_logits`: the LM head runs only where a token carries loss)."""
+        logits, targets = answer_logits(self.model, batch)
+        loss, correct = token_loss(logits, targets)
+        n = int(targets.numel())
+        return loss, correct.float() / n, n  # nan for a batch without loss tokens, as the loss
 
     #: Drop the attention mask of a right-padded batch (see :meth:`without_padding_mask`).
     drop_padding_mask: bool = True
@@ -253,7 +169,7 @@ class PeftLM(L.LightningModule):
         (on the CPU about a third faster for this model's shapes; see docs/benchmark.md).
         """
         mask = batch.get("attention_mask")
-        if not self.drop_padding_mask or mask is None or mask.dim() != 2:
+        if not (self.drop_padding_mask and SPEEDUPS.padding_mask) or mask is None or mask.dim() != 2:
             return batch
         if not bool((mask[:, 1:] <= mask[:, :-1]).all() and mask[:, 0].all()):
             return batch  # left padding or holes: the mask matters
@@ -334,21 +250,10 @@ class PeftLM(L.LightningModule):
     # -- optimization -------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         """Optimizer over the trainable tensors only; the scheduler (if any) steps every optimizer step."""
-        from lightning.pytorch.cli import instantiate_class
-
         optimizer = instantiate_class(self.trainable_parameters(), self.optimizer_init)
         if not self.lr_scheduler_init:
             return optimizer
-        init = self.lr_scheduler_init
-        if "total_steps" in init.get("init_args", {}) and init["init_args"]["total_steps"] is None:
-            init = {
-                **init,
-                "init_args": {
-                    **init["init_args"],
-                    "total_steps": int(self.trainer.estimated_stepping_batches),
-                },
-            }
-        scheduler = instantiate_class(optimizer, init)
+        scheduler = build_lr_scheduler(optimizer, self.lr_scheduler_init, self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: trainable tensors only ----------------------------------------------------------
@@ -359,10 +264,7 @@ class PeftLM(L.LightningModule):
         checkpoint["litpeft"] = {"model": self.model_spec, "method": self.method.config()}
 
     def on_fit_end(self) -> None:
-        from litpeft.adapter import save_adapter
-        from litpeft.distributed import full_adapter
-
-        if any(getattr(c, "preempted", False) for c in self.trainer.callbacks):
+        if was_preempted(self.trainer):
             return  # stopped for a requeue: the run is not finished, its resume checkpoint is what counts
         tensors, fingerprint = full_adapter(self)  # a collective under FSDP: every rank gathers
         # trainer.log_dir broadcasts from rank 0 under DDP/FSDP: every rank must ask for it

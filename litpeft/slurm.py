@@ -616,3 +616,8 @@ class PreemptionCheckpoint(Callback):
             return False
         rank_zero_info(f"[litpeft.slurm] requeued SLURM job {job_id}.")
         return True
+
+
+def was_preempted(trainer: pl.Trainer) -> bool:
+    """Whether a :class:`PreemptionCheckpoint` stopped this run for a requeue (it is not finished)."""
+    return any(isinstance(c, PreemptionCheckpoint) and c.preempted for c in trainer.callbacks)

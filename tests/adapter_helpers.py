@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from litpeft import PeftLM
-from litpeft.adapter import save_adapter
+from litpeft.adapter_dir import save_adapter
 from litpeft.data import InstructionDataModule
 from litpeft.data.prompts import get_style
 from litpeft.methods import LoRA, PeftMethod

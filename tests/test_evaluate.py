@@ -11,7 +11,7 @@ import pytest
 import torch
 from adapter_helpers import make_adapter, read_jsonl, run_litpeft, write_jsonl
 
-from litpeft.adapter import load_adapter
+from litpeft.adapter_dir import load_adapter
 from litpeft.commands import evaluate, generate, rouge_l
 from litpeft.data.collate import encode
 from litpeft.errors import LitPeftError

@@ -16,7 +16,7 @@ from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from litpeft.adapter import load_adapter
+from litpeft.adapter_dir import load_adapter
 from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
 from litpeft.methods import LlamaAdapter, LoRA, PeftMethod, PrefixTuning, PromptTuning, PTuning, PTuningV2

@@ -23,7 +23,7 @@ from adapter_helpers import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from litpeft.adapter import load_adapter
+from litpeft.adapter_dir import load_adapter
 from litpeft.commands import merge
 from litpeft.errors import LitPeftError
 from litpeft.methods import LoRA, PeftLayer, PeftMethod

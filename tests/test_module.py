@@ -8,7 +8,7 @@ import lightning as L
 import torch
 
 from litpeft import InstructionDataModule, LoRA, PeftLM
-from litpeft.adapter import load_adapter
+from litpeft.adapter_dir import load_adapter
 
 
 def _module(**kwargs) -> PeftLM:

@@ -65,7 +65,7 @@ def test_bf16_mixed_frozen_linears_in_bf16_give_the_same_loss_and_gradients(arch
     from lightning.pytorch import Trainer
 
     from litpeft.methods import method_from_config
-    from litpeft.module import store_frozen_linears
+    from litpeft.precision import store_frozen_linears
 
     init_args = {"r": 4, "use_dora": True} if method == "dora" else {}
     config = {"class_path": "lora" if method == "dora" else method, "init_args": init_args}

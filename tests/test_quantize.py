@@ -11,7 +11,7 @@ import torch
 from adapter_helpers import fit_tiny_lora
 from torch import nn
 
-from litpeft.adapter import load_adapter, read_adapter_config
+from litpeft.adapter_dir import load_adapter, read_adapter_config
 from litpeft.errors import LitPeftError
 from litpeft.methods import LoRA
 from litpeft.methods.base import METHODS

@@ -13,7 +13,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from litpeft.data.collate import TokenizedSamples, encode_many
 from litpeft.data.prompts import Message, PromptStyle
+from litpeft.files import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,6 @@ CACHE_VERSION = "1"
 
 
 def data_cache_dir() -> Path:
-    from litpeft.models import cache_dir
-
     return cache_dir() / "data"
 
 
@@ -86,8 +84,6 @@ def load(key: str) -> TokenizedSamples | None:
 def save(key: str, data: TokenizedSamples) -> Path:
     """Write atomically: a concurrent reader sees the old file or the complete new one."""
     path = cache_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in data.tensors().items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in data.tensors().items()}, str(tmp))
     return path

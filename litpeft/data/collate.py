@@ -10,8 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from litpeft.data.prompts import Message, PromptStyle, bos_ids
-
-IGNORE_INDEX = -100
+from litpeft.loss import IGNORE_INDEX
 
 
 def encode(

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from litpeft.data.prompts import Message
 from litpeft.errors import LitPeftError
+from litpeft.files import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,6 @@ class DataSource:
 
     def _datasets_rows(self, file: Path) -> Iterator[tuple[str, Any]]:
         datasets = require_datasets()
-        from litpeft.models import cache_dir
-
         kwargs: dict[str, Any] = {}
         if file.suffix in (".csv", ".tsv"):  # every column a string, as in the file ("42" stays "42")
             delimiter = "\t" if file.suffix == ".tsv" else self.load_kwargs.get("delimiter", ",")

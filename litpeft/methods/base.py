@@ -27,6 +27,13 @@ class PeftLayer:
 
     disabled: bool = False
 
+    def fp32_base_layers(self) -> list[nn.Module]:
+        """Frozen base layers this layer reads in fp32 (e.g. DoRA's column norms of the base weight).
+
+        The precision policy (:func:`litpeft.precision.store_frozen_linears`) leaves them in fp32.
+        """
+        return []
+
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` whose CPU masks take 16 random bits per element from 64-bit random words.

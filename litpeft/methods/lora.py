@@ -60,6 +60,9 @@ class LoRALinear(nn.Module, PeftLayer):
                 self._column_norm(self._base_weight().float()).to(w.device)
             )
 
+    def fp32_base_layers(self) -> list[nn.Module]:
+        return [self.base_layer] if self.lora_magnitude_vector is not None else []
+
     def _base_weight(self) -> torch.Tensor:
         w = self.base_layer.weight
         w = (

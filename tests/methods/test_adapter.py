@@ -150,7 +150,7 @@ def test_bad_configs_and_unsupported_architectures(tok):
 
 
 def test_adapter_directory_round_trip(tmp_path, tok):
-    from litpeft.adapter import load_adapter, save_adapter
+    from litpeft.adapter_dir import load_adapter, save_adapter
 
     module = PeftLM(model="tiny:qwen2", method=HoulsbyAdapter(bottleneck_size=8, placement="pfeiffer"))
     module.configure_model()

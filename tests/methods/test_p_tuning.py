@@ -202,7 +202,7 @@ def test_bad_configs(tok):
 
 
 def test_adapter_directory_round_trip(tmp_path, tok):
-    from litpeft.adapter import load_adapter, save_adapter
+    from litpeft.adapter_dir import load_adapter, save_adapter
 
     module = PeftLM(model="tiny:gpt2", method=PTuning(num_virtual_tokens=N, encoder="mlp"))
     module.configure_model()

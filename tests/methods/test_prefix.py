@@ -245,7 +245,7 @@ def test_adapter_directory_round_trip(make, tmp_path):
     """save_adapter writes the projected prefix; load_adapter rebuilds the model with the same logits."""
     from types import SimpleNamespace
 
-    from litpeft.adapter import load_adapter, read_adapter_weights, save_adapter
+    from litpeft.adapter_dir import load_adapter, read_adapter_weights, save_adapter
 
     method = make()
     model = helpers.build("llama", method)

@@ -171,7 +171,7 @@ def test_bad_configs(tok):
 
 
 def test_adapter_directory_round_trip(tmp_path, tok):
-    from litpeft.adapter import load_adapter, save_adapter
+    from litpeft.adapter_dir import load_adapter, save_adapter
 
     method = PromptTuning(num_virtual_tokens=N, init="text", init_text="Answer:", tokenizer="tiny:llama")
     module = PeftLM(model="tiny:llama", method=method)

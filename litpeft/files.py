@@ -1,0 +1,94 @@
+"""Files on disk: litpeft's cache directory and the one way it writes a file or directory atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """litpeft's cache (converted models, tokenized data): ``$LITPEFT_CACHE``, else
+    ``$XDG_CACHE_HOME/litpeft``, else ``~/.cache/litpeft``."""
+    if os.environ.get("LITPEFT_CACHE"):
+        return Path(os.environ["LITPEFT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "litpeft"
+
+
+def temp_sibling(path: str | os.PathLike[str], tag: str | None = None) -> Path:
+    """A hidden name beside ``path`` for its temporary copy (per process unless ``tag`` is given)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{tag if tag is not None else os.getpid()}")
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete a file, link or directory tree if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def commit(tmp: str | os.PathLike[str], path: str | os.PathLike[str], fsync: bool = False) -> None:
+    """Move the finished ``tmp`` (a file or a directory) over ``path`` in one rename.
+
+    ``os.replace`` cannot replace a non-empty directory, so an existing one is first moved aside to
+    ``<path>.old`` and removed afterwards: a crash in between leaves that complete old copy, never a
+    partial one under ``path``. ``fsync``: flush the file and the directory entry to disk first.
+    """
+    tmp, path = Path(tmp), Path(path)
+    if tmp.is_dir():
+        if os.path.lexists(path):
+            old = path.with_name(path.name + ".old")
+            remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            remove(old)
+        else:
+            os.replace(tmp, path)
+    else:
+        if fsync:
+            _fsync(tmp)
+        os.replace(tmp, path)
+    if fsync:
+        _fsync(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(
+    path: str | os.PathLike[str], directory: bool = False, fsync: bool = False, replace: bool = True
+) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it becomes ``path`` in one rename.
+
+    A reader (or a resume after a crash) sees the old ``path`` or the complete new one, never a partial
+    one; on an error the temporary copy is removed and ``path`` is left as it was. ``directory``: the
+    temporary path is created as an empty directory. ``replace=False`` keeps an existing ``path`` (e.g.
+    another process finished the same cache entry first) and discards the new copy::
+
+        with atomic_path("out/adapter.safetensors") as tmp:
+            save_file(tensors, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    remove(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if replace or not os.path.lexists(path):
+            commit(tmp, path, fsync=fsync)
+    finally:
+        remove(tmp)
