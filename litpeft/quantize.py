@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
 
@@ -49,7 +50,7 @@ def _bnb() -> Any:
     # bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional inference kernel is missing;
     # this layer never uses that kernel.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:
+    try:  # optional and heavy (pip install 'litpeft[quant]'): imported on first use
         import bitsandbytes.functional as bnbF
     except ImportError as e:
         raise LitPeftError(
@@ -123,8 +124,6 @@ class QuantizedLinear(nn.Linear):
     @classmethod
     def from_float(cls, layer: nn.Module, mode: QuantMode) -> QuantizedLinear:
         """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``, whose ``(in, out)`` weight is transposed first)."""
-        from transformers.pytorch_utils import Conv1D
-
         weight = layer.weight.detach()
         weight = weight.T if isinstance(layer, Conv1D) else weight
         out_features, in_features = weight.shape
@@ -218,8 +217,6 @@ class QuantizedLinear(nn.Linear):
 def quantize_model(model: nn.Module, mode: QuantMode, skip: tuple[nn.Module, ...] = ()) -> nn.Module:
     """Replace every linear layer of ``model`` except its output layer (LM head) and ``skip`` by a
     :class:`QuantizedLinear` (in place; one layer at a time, so the peak is one extra layer)."""
-    from transformers.pytorch_utils import Conv1D
-
     check_mode(mode)
     if mode is None:
         return model
@@ -250,8 +247,6 @@ def plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
     """A frozen plain layer of ``layer``'s original kind: ``nn.Linear``, or GPT-2's ``Conv1D`` for a
     ``Conv1D`` or a :class:`QuantizedLinear` made from one. ``weight`` is ``(out, in)``; merges use this
     to replace an adapted or quantized layer by one that ``from_pretrained`` loads back."""
-    from transformers.pytorch_utils import Conv1D
-
     out_features, in_features = weight.shape
     if isinstance(layer, Conv1D) or getattr(layer, "from_conv1d", False):
         plain: nn.Module = Conv1D(out_features, in_features)
