@@ -5,10 +5,12 @@
     python scripts/ab_speed.py --method lora_dropout --changes fast_dropout
     python scripts/ab_speed.py --peft --changes           # litpeft against transformers + peft only
     python scripts/ab_speed.py --vs-32-true --changes --precision bf16-true   # the precision's speedup
+    python scripts/ab_speed.py --model tiny:llama --changes padding_mask --steps 1 --warmup 0   # smoke run
 
 ``scripts/benchmark.py`` runs each configuration in its own process, so a few percent are lost in the
 spread between processes (20% and more on a shared machine). Here each change is measured against
-litpeft with all changes in the same process: two models built from the same seed, the same batches,
+litpeft with all changes in the same process (each change a switch of ``litpeft.speedups.SPEEDUPS``,
+off around the other model's build and steps only): two models built from the same seed, the same batches,
 the steps alternating A B B A, so that whatever else the machine does slows both alike. The figure per
 change is the median over steps of (step time without it) / (step time with it): above 1 the change
 helps. The step is PeftLM's loss, backward and AdamW, without Lightning's loop (the same for both).
@@ -23,85 +25,62 @@ the precision's: the precision's speedup).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from benchmark import METHODS, SPEED_CHANGES, _lora_forward_before, batches, model_spec
+from bench.config import METHODS, SPEED_CHANGES, speedups_off
+from bench.data import batches, model_spec
 
 
-@contextlib.contextmanager
-def _without_frozen_bf16(active: bool) -> Iterator[None]:
-    import litpeft.module
+def build(model: str, method: str, precision: str, without: str | None) -> tuple[Any, torch.optim.Optimizer]:
+    """litpeft's ``method`` with every speed change, or without the change ``without``.
 
-    store = litpeft.module.store_frozen_linears
-    if active:
-        litpeft.module.store_frozen_linears = lambda model, dtype: 0
-    try:
-        yield
-    finally:
-        litpeft.module.store_frozen_linears = store
-
-
-def build(method: str, precision: str, without: str | None) -> tuple[Any, torch.optim.Optimizer]:
-    """litpeft's ``method`` with every speed change, or without the change ``without``."""
+    Build-time switches (``cpu_sdpa``, ``frozen_bf16``) are read by ``configure_model``; the others at
+    every step (:func:`litpeft_step` turns ``without`` off around each of its steps as well).
+    """
     from lightning.pytorch import Trainer
 
     from litpeft.methods import method_from_config
-    from litpeft.methods.base import Dropout
-    from litpeft.methods.lora import LoRALinear
     from litpeft.module import PeftLM
 
     torch.manual_seed(0)
-    module = PeftLM(
-        model_spec("smollm2-135m-instruct"), method=method_from_config(METHODS[method]["litpeft"])
-    )
+    module = PeftLM(model_spec(model), method=method_from_config(METHODS[method]["litpeft"]))
     module.trainer = Trainer(precision=precision, logger=False, enable_progress_bar=False, accelerator="cpu")
-    with _without_frozen_bf16(without == "frozen_bf16"):
+    with speedups_off([without] if without else []):
         module.configure_model()
-    if without == "cpu_sdpa":
-        module.model.set_attn_implementation("sdpa")
-    if without == "padding_mask":
-        module.drop_padding_mask = False
-    if without == "fast_dropout":
-        for m in module.model.modules():
-            if isinstance(m, Dropout):
-                m.forward = types.MethodType(torch.nn.Dropout.forward, m)
-    if without == "lora_forward":
-        for m in module.model.modules():
-            if isinstance(m, LoRALinear):
-                m.forward = types.MethodType(_lora_forward_before, m)
     return module, torch.optim.AdamW(module.trainable_parameters(), lr=2e-4)
 
 
 Step = Callable[[dict[str, torch.Tensor]], float]
 
 
-def litpeft_step(method: str, precision: str, without: str | None) -> Step:
+def litpeft_step(model: str, method: str, precision: str, without: str | None) -> Step:
     """One litpeft training step (loss at the loss positions, backward, AdamW), timed."""
-    module, optimizer = build(method, precision, without)
+    module, optimizer = build(model, method, precision, without)
+    off = [without] if without else []
 
     def step(batch: dict[str, torch.Tensor]) -> float:
-        t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            loss, _, _ = module.loss_and_accuracy(module.without_padding_mask(batch))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        # the switches are process-wide: ``without`` is off during this model's steps only
+        with speedups_off(off):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                loss, _, _ = module.loss_and_accuracy(module.without_padding_mask(batch))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
 
     return step
 
 
-def peft_step(method: str, precision: str) -> Step:
+def peft_step(model_name: str, method: str, precision: str) -> Step:
     """One step of transformers + peft in the plain loop of scripts/benchmark.py, timed."""
-    from benchmark import _peft_model
+    from bench.run_peft import peft_model
 
-    model = _peft_model({"model": "smollm2-135m-instruct", "method": method, "precision": precision})
+    model = peft_model({"model": model_name, "method": method, "precision": precision})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
     def step(batch: dict[str, torch.Tensor]) -> float:
@@ -145,13 +124,16 @@ def main() -> None:
     parser.add_argument(
         "--vs-32-true", action="store_true", help="also litpeft at --precision against litpeft at 32-true"
     )
+    parser.add_argument(
+        "--model", default="smollm2-135m-instruct", help="base model (tiny:llama to try the script out)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="measured steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = batches(model_spec("smollm2-135m-instruct"), "demo", args.warmup + args.steps)
+    data = batches(model_spec(args.model), "demo", args.warmup + args.steps)
     print(
         f"{args.method}, {args.precision}, torch threads {torch.get_num_threads()}, "
         f"{args.steps} steps after {args.warmup}"
@@ -165,13 +147,13 @@ def main() -> None:
         and not (c == "fast_dropout" and not has_dropout)
     ]
     for other in against:
-        a = litpeft_step(args.method, args.precision, None)
+        a = litpeft_step(args.model, args.method, args.precision, None)
         if other == "peft":
-            b = peft_step(args.method, args.precision)
+            b = peft_step(args.model, args.method, args.precision)
         elif other == "32-true":
-            b = litpeft_step(args.method, "32-true", None)
+            b = litpeft_step(args.model, args.method, "32-true", None)
         else:
-            b = litpeft_step(args.method, args.precision, other)
+            b = litpeft_step(args.model, args.method, args.precision, other)
         r = compare(a, b, data, args.warmup)
         label = {"peft": "litpeft vs peft", "32-true": f"{args.precision} vs 32-true"}.get(
             other, f"{other} (litpeft without it)"

@@ -1,0 +1,121 @@
+"""What the benchmark compares, with which hyperparameters, and the speed changes it can switch off."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from litpeft.speedups import SPEEDUPS, Speedups  # noqa: E402  (after the checkout is on the path)
+
+SEED = 42
+BATCH_SIZE = 8
+LR = 2e-4
+
+# name: (litpeft method config, peft config factory name or None). Hyperparameters follow each paper's
+# common setting; both sides get the same numbers.
+METHODS: dict[str, dict[str, Any]] = {
+    "lora": {  # dropout 0: both libraries' default
+        "litpeft": {"class_path": "lora", "init_args": {"r": 16, "alpha": 32}},
+        "peft": ("LoraConfig", {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}),
+    },
+    "lora_dropout": {  # configs/lora.yaml's dropout 0.05: a random mask per adapted layer and step
+        "litpeft": {"class_path": "lora", "init_args": {"r": 16, "alpha": 32, "dropout": 0.05}},
+        "peft": (
+            "LoraConfig",
+            {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
+        ),
+    },
+    "prompt_tuning": {
+        "litpeft": {"class_path": "prompt_tuning", "init_args": {"num_virtual_tokens": 20}},
+        "peft": ("PromptTuningConfig", {"num_virtual_tokens": 20}),
+        "virtual_tokens": 20,
+    },
+    "p_tuning": {
+        "litpeft": {"class_path": "p_tuning", "init_args": {"num_virtual_tokens": 20, "encoder": "mlp"}},
+        "peft": ("PromptEncoderConfig", {"num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP"}),
+        "virtual_tokens": 20,
+    },
+    "prefix_tuning": {
+        "litpeft": {"class_path": "prefix_tuning", "init_args": {"num_virtual_tokens": 20}},
+        "peft": ("PrefixTuningConfig", {"num_virtual_tokens": 20, "prefix_projection": True}),
+        "virtual_keys": 20,
+    },
+    "p_tuning_v2": {
+        "litpeft": {"class_path": "p_tuning_v2", "init_args": {"num_virtual_tokens": 20}},
+        "peft": ("PrefixTuningConfig", {"num_virtual_tokens": 20, "prefix_projection": False}),
+        "virtual_keys": 20,
+    },
+    "llama_adapter": {
+        "litpeft": {"class_path": "llama_adapter", "init_args": {"adapter_len": 10}},
+        "peft": ("AdaptionPromptConfig", {"adapter_len": 10, "adapter_layers": 30}),
+        "virtual_keys": 10,
+    },
+    "llama_adapter_v2": {
+        "litpeft": {"class_path": "llama_adapter_v2", "init_args": {"adapter_len": 10}},
+        "peft": None,
+        "virtual_keys": 10,
+    },
+    "houlsby": {
+        "litpeft": {"class_path": "houlsby", "init_args": {"bottleneck_size": 64}},
+        "peft": None,
+    },
+}
+
+# A config-built Llama of about 0.5B parameters with random weights: a larger shape than SmolLM2-135M.
+LARGE_CONFIG = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=30,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+SMOLLM2 = "smollm2-135m-instruct"
+
+#: litpeft's measured speed changes, each a switch of :data:`litpeft.speedups.SPEEDUPS` read on the real
+#: code path; an ablation row or ``ab_speed.py`` turns some off.
+SPEED_CHANGES: list[str] = Speedups.names()
+
+
+def switch_off(names: Sequence[str]) -> None:
+    """Turn the speed changes ``names`` off for the rest of this process (a benchmark worker)."""
+    for name in names:
+        if name not in SPEED_CHANGES:
+            raise ValueError(f"unknown speed change {name!r} (known: {', '.join(SPEED_CHANGES)})")
+        setattr(SPEEDUPS, name, False)
+
+
+@contextlib.contextmanager
+def speedups_off(names: Sequence[str]) -> Iterator[None]:
+    """The speed changes ``names`` off inside the block, as they were after it (in-process A/B)."""
+    before = {name: getattr(SPEEDUPS, name) for name in SPEED_CHANGES}
+    switch_off(names)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(SPEEDUPS, name, value)
+
+
+def method_available(name: str) -> str | None:
+    """``None`` if litpeft in this checkout has the method, else why not."""
+    import pkgutil
+
+    import litpeft.methods as pkg
+    from litpeft.methods import METHODS as REGISTRY
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        with contextlib.suppress(Exception):
+            importlib.import_module(f"litpeft.methods.{info.name}")
+    short = METHODS[name]["litpeft"]["class_path"]
+    return None if short in REGISTRY else "not available in this checkout"
