@@ -6,6 +6,8 @@ compares; docs/benchmark.md gives the figures. Each switch is read where its cha
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
 
@@ -37,3 +39,23 @@ class Speedups:
 
 
 SPEEDUPS = Speedups()
+
+
+def switch_off(names: Sequence[str]) -> None:
+    """Turn the speed changes ``names`` off for the rest of this process (a benchmark worker)."""
+    for name in names:
+        if name not in Speedups.names():
+            raise ValueError(f"unknown speed change {name!r} (known: {', '.join(Speedups.names())})")
+        setattr(SPEEDUPS, name, False)
+
+
+@contextlib.contextmanager
+def speedups_off(names: Sequence[str]) -> Iterator[None]:
+    """The speed changes ``names`` off inside the block, as they were after it (in-process A/B)."""
+    before = {name: getattr(SPEEDUPS, name) for name in Speedups.names()}
+    switch_off(names)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(SPEEDUPS, name, value)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from litpeft.speedups import SPEEDUPS, Speedups  # noqa: E402  (after the checkout is on the path)
+from litpeft.speedups import Speedups, speedups_off, switch_off  # noqa: E402,F401  (after the checkout is on the path; re-exported)
 
 SEED = 42
 BATCH_SIZE = 8
@@ -85,26 +84,6 @@ SMOLLM2 = "smollm2-135m-instruct"
 #: litpeft's measured speed changes, each a switch of :data:`litpeft.speedups.SPEEDUPS` read on the real
 #: code path; an ablation row or ``ab_speed.py`` turns some off.
 SPEED_CHANGES: list[str] = Speedups.names()
-
-
-def switch_off(names: Sequence[str]) -> None:
-    """Turn the speed changes ``names`` off for the rest of this process (a benchmark worker)."""
-    for name in names:
-        if name not in SPEED_CHANGES:
-            raise ValueError(f"unknown speed change {name!r} (known: {', '.join(SPEED_CHANGES)})")
-        setattr(SPEEDUPS, name, False)
-
-
-@contextlib.contextmanager
-def speedups_off(names: Sequence[str]) -> Iterator[None]:
-    """The speed changes ``names`` off inside the block, as they were after it (in-process A/B)."""
-    before = {name: getattr(SPEEDUPS, name) for name in SPEED_CHANGES}
-    switch_off(names)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            setattr(SPEEDUPS, name, value)
 
 
 def method_available(name: str) -> str | None:

@@ -1,6 +1,6 @@
 """litpeft's side: PeftLM trained by Lightning's Trainer, each training batch timed by a callback.
 
-The speed changes a configuration ablates are already off (:func:`bench.config.switch_off`, in the
+The speed changes a configuration ablates are already off (:func:`litpeft.speedups.switch_off`, in the
 worker) when this runs: litpeft reads :data:`litpeft.speedups.SPEEDUPS` on its own code paths.
 """
 
