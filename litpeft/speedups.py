@@ -53,8 +53,8 @@ def switch_off(names: Sequence[str]) -> None:
 def speedups_off(names: Sequence[str]) -> Iterator[None]:
     """The speed changes ``names`` off inside the block, as they were after it (in-process A/B)."""
     before = {name: getattr(SPEEDUPS, name) for name in Speedups.names()}
-    switch_off(names)
     try:
+        switch_off(names)
         yield
     finally:
         for name, value in before.items():
