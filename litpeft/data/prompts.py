@@ -4,12 +4,13 @@ A sample is a list of messages ``{"role": "system"|"user"|"assistant", "content"
 become one user message (with the row's ``input`` kept under ``"input"``) and one assistant message.
 A style returns ``[(text, is_assistant), ...]``; tokenizing segment by segment makes the loss mask exact.
 
-Styles (short name: class): ``alpaca``: :class:`AlpacaStyle`, ``chatml``: :class:`ChatMLStyle`, ``llama-3``:
-:class:`Llama3Style`, ``plain``: :class:`PlainStyle` and ``chat_template``: :class:`ChatTemplateStyle` (the
-tokenizer's own template, the default when it has one). The short name is what an adapter directory
-saves; the classes end in ``Style`` so that the Alpaca *style* is not confused with the Alpaca *data
-source* :class:`litpeft.data.Alpaca`. A style is saved with the adapter (:func:`style_name`) and found again by
-:func:`get_style`. To add one, subclass :class:`PromptStyle`, set ``name`` and implement ``segments``::
+Styles (short name: class): ``alpaca``: :class:`AlpacaStyle`, ``chatml``: :class:`ChatMLStyle`,
+``llama-3``: :class:`Llama3Style`, ``plain``: :class:`PlainStyle` and ``chat_template``:
+:class:`ChatTemplateStyle` (the tokenizer's own template, the default when it has one). The classes end
+in ``Style``, so the Alpaca *style* is not confused with the Alpaca *data source*
+:class:`litpeft.data.Alpaca`. A style is saved with the adapter by its short name (:func:`style_name`)
+and found again by :func:`get_style`. To add one, subclass :class:`PromptStyle`, set ``name`` and
+implement ``segments``::
 
     class VicunaStyle(PromptStyle):
         name = "vicuna"
