@@ -220,6 +220,44 @@ def test_atomic_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest
     assert find_resume_checkpoint(stale) is None  # empty file: not a checkpoint
 
 
+def test_atomic_write_of_a_sharded_checkpoint_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sharded strategies save a directory: it replaces the old one whole (moved aside to ``.old`` first)."""
+    trainer = make_trainer(tmp_path, PreemptionCheckpoint(save_on_train_end=False), max_steps=1)
+    target = tmp_path / "ck" / "last.ckpt"
+
+    def sharded_save(filepath: str, *args: Any, **kwargs: Any) -> None:
+        assert filepath == str(target) + ".tmp"  # the same fixed name on every rank (a collective)
+        os.makedirs(filepath)
+        Path(filepath, "shard0").write_text(f"save {len(saves)}")
+        saves.append(filepath)
+
+    saves: list[str] = []
+    monkeypatch.setattr(trainer, "save_checkpoint", sharded_save)
+    for n in range(2):
+        assert atomic_save_checkpoint(trainer, target) == str(target)
+        assert sorted(os.listdir(target.parent)) == ["last.ckpt"]  # no .tmp or .old left behind
+        assert os.listdir(target) == ["shard0"] and (target / "shard0").read_text() == f"save {n}"
+    assert find_resume_checkpoint(target.parent) == str(target)
+
+
+def test_public_names_and_the_class_path_stay_in_the_package() -> None:
+    from jsonargparse._util import get_import_path
+
+    import litpeft.slurm
+
+    before_the_split = {  # litpeft/slurm.py's __all__, plus was_preempted (litpeft.module imports it)
+        "PreemptionCheckpoint", "SlurmLayoutError", "SlurmResumeError", "atomic_save_checkpoint",
+        "auto_resume_checkpoint", "check_slurm_layout", "find_resume_checkpoint", "is_slurm_job",
+        "slurm_job_id", "slurm_layout_error", "slurm_plugins", "was_preempted",
+    }  # fmt: skip
+    assert before_the_split <= set(litpeft.slurm.__all__)
+    assert all(hasattr(litpeft.slurm, name) for name in litpeft.slurm.__all__)
+    # configs name it litpeft.slurm.PreemptionCheckpoint; a saved config.yaml keeps writing that path
+    assert get_import_path(PreemptionCheckpoint) == "litpeft.slurm.PreemptionCheckpoint"
+
+
 @pytest.mark.parametrize(
     ("signal_at", "saved_step", "saved_epoch", "next_batch"),
     [(5, 6, 1, 2), (3, 4, 0, 0)],  # preempted mid-epoch 1 / on the last batch of epoch 0

@@ -2,7 +2,16 @@
 
 from litpeft.data.datamodule import InstructionDataModule, ResumableSampler
 from litpeft.data.prompts import STYLES, PromptStyle, get_style
-from litpeft.data.sources import Alpaca, AutoSource, BadRow, Chat, DataSource, HFDataset, ShareGPT
+from litpeft.data.sources import (
+    Alpaca,
+    AutoSource,
+    BadRow,
+    Chat,
+    DataSource,
+    HFDataset,
+    LoadedData,
+    ShareGPT,
+)
 
 __all__ = [
     "STYLES",
@@ -13,6 +22,7 @@ __all__ = [
     "DataSource",
     "HFDataset",
     "InstructionDataModule",
+    "LoadedData",
     "PromptStyle",
     "ResumableSampler",
     "ShareGPT",

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from litpeft.data import cache
@@ -221,8 +222,6 @@ class InstructionDataModule(L.LightningDataModule):
         if data is not None and len(data) == len(samples):
             self.stats[split]["tokenized"] = 0
             return data
-        from tqdm import tqdm
-
         prefix, chunk = bos_ids(self.tokenizer), 256
         encoded: list[dict[str, list[int]]] = []
         with tqdm(

@@ -4,11 +4,15 @@ A sample is a list of messages ``{"role": "system"|"user"|"assistant", "content"
 become one user message (with the row's ``input`` kept under ``"input"``) and one assistant message.
 A style returns ``[(text, is_assistant), ...]``; tokenizing segment by segment makes the loss mask exact.
 
-Styles: ``alpaca``, ``chatml``, ``llama-3``, ``plain`` and ``chat_template`` (the tokenizer's own template,
-the default when it has one). A style is saved with the adapter (:func:`style_name`) and found again by
-:func:`get_style`. To add one, subclass :class:`PromptStyle`, set ``name`` and implement ``segments``::
+Styles (short name: class): ``alpaca``: :class:`AlpacaStyle`, ``chatml``: :class:`ChatMLStyle`,
+``llama-3``: :class:`Llama3Style`, ``plain``: :class:`PlainStyle` and ``chat_template``:
+:class:`ChatTemplateStyle` (the tokenizer's own template, the default when it has one). The classes end
+in ``Style``, so the Alpaca *style* is not confused with the Alpaca *data source*
+:class:`litpeft.data.Alpaca`. A style is saved with the adapter by its short name (:func:`style_name`)
+and found again by :func:`get_style`. To add one, subclass :class:`PromptStyle`, set ``name`` and
+implement ``segments``::
 
-    class Vicuna(PromptStyle):
+    class VicunaStyle(PromptStyle):
         name = "vicuna"
         appends_eos = False  # the tokenizer's EOS token is added after each answer
 
@@ -16,16 +20,19 @@ the default when it has one). A style is saved with the adapter (:func:`style_na
             return [(f"USER: {m['content']}\nASSISTANT: ", False) if m["role"] == "user"
                     else (m["content"], True) for m in messages if m["role"] != "system"]
 
-and set ``data.prompt_style: my_package.styles.Vicuna`` (an import path) in the config.
+and set ``data.prompt_style: my_package.styles.VicunaStyle`` (an import path) in the config.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
 from litpeft.errors import LitPeftError
+from litpeft.registry import class_name, resolve_class
 
 Message = dict[str, Any]
 STYLES: dict[str, type[PromptStyle]] = {}
@@ -62,8 +69,6 @@ class PromptStyle:
 
     def fingerprint(self) -> str:
         """What the tokenization cache keys on: the style's name, settings and code."""
-        import inspect
-
         parts = [style_name(self), repr(sorted(vars(self).items()))]
         for cls in type(self).__mro__:
             if issubclass(cls, PromptStyle):
@@ -79,7 +84,7 @@ class PromptStyle:
         return message["content"] + (f"\n\n{extra}" if extra else "")
 
 
-class Alpaca(PromptStyle):
+class AlpacaStyle(PromptStyle):
     """The Stanford Alpaca template (with and without an ``### Input:`` section).
 
     A system message takes the place of the template's opening sentence; later turns of a multi-turn
@@ -108,7 +113,7 @@ class Alpaca(PromptStyle):
         return out
 
 
-class Plain(PromptStyle):
+class PlainStyle(PromptStyle):
     """No template: user text, a newline, then the response."""
 
     name = "plain"
@@ -121,7 +126,7 @@ class Plain(PromptStyle):
         ]
 
 
-class ChatML(PromptStyle):
+class ChatMLStyle(PromptStyle):
     """ChatML (``<|im_start|>role\n...<|im_end|>``), as SmolLM2, Qwen and OpenAI's chat models use it."""
 
     name = "chatml"
@@ -140,7 +145,7 @@ class ChatML(PromptStyle):
         return out
 
 
-class Llama3(PromptStyle):
+class Llama3Style(PromptStyle):
     """The Llama 3 instruct format (header ids, ``<|eot_id|>`` ends a turn; BOS comes from the tokenizer)."""
 
     name = "llama-3"
@@ -156,7 +161,7 @@ class Llama3(PromptStyle):
         return out
 
 
-class ChatTemplate(PromptStyle):
+class ChatTemplateStyle(PromptStyle):
     """The tokenizer's own chat template (``tokenizer.chat_template``), rendered turn by turn."""
 
     name = "chat_template"
@@ -218,30 +223,43 @@ def bos_text(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def get_style(style: str | PromptStyle, tokenizer: PreTrainedTokenizerBase | None = None) -> PromptStyle:
-    """A style by name; ``auto`` is the tokenizer's chat template when it has one, else Alpaca."""
+    """A style by name; ``auto`` is the tokenizer's chat template when it has one, else Alpaca.
+
+    A name with a dot is a user's subclass, saved by its import path (see :func:`style_name`).
+    """
     if isinstance(style, PromptStyle):
         return style
     if style == "auto":
         style = "chat_template" if tokenizer is not None and tokenizer.chat_template else "alpaca"
-    if "." in style:  # a user's subclass, saved by import path
-        import importlib
-
-        module, _, name = style.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
-            raise LitPeftError(f"cannot import prompt style '{style}'") from e
-        if not (isinstance(cls, type) and issubclass(cls, PromptStyle)):
-            raise LitPeftError(f"'{style}' is not a PromptStyle")
-        return cls()
-    if style not in STYLES:
+    if "." not in style and style not in STYLES:  # the choices include "auto", which is no class
         raise LitPeftError(
             f"unknown prompt_style '{style}'; choose one of: auto, {', '.join(sorted(STYLES))}"
         )
-    return STYLES[style]()
+    return resolve_class(style, STYLES, PromptStyle, "prompt_style")()
 
 
 def style_name(style: PromptStyle) -> str:
     """Name under which a style is saved with an adapter (its short name, or its import path)."""
-    cls = type(style)
-    return cls.name if STYLES.get(cls.name) is cls else f"{cls.__module__}.{cls.__qualname__}"
+    return class_name(type(style), STYLES)
+
+
+#: old class name -> new one; the old names stay importable for one release, with a FutureWarning
+_RENAMED = {
+    "Alpaca": "AlpacaStyle",
+    "Plain": "PlainStyle",
+    "ChatML": "ChatMLStyle",
+    "Llama3": "Llama3Style",
+    "ChatTemplate": "ChatTemplateStyle",
+}
+
+
+def __getattr__(name: str) -> type[PromptStyle]:
+    if name not in _RENAMED:
+        raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+    new = _RENAMED[name]
+    warnings.warn(
+        f"{__name__}.{name} moved to {__name__}.{new}; the old path goes in the next release",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return globals()[new]

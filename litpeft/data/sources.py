@@ -2,13 +2,15 @@
 
 Two things vary independently and are kept apart:
 
-- *storage*, found from the path: ``.json`` (a list of objects) and ``.jsonl`` are read here, with line
-  numbers for errors; ``.parquet``, ``.csv``, ``.tsv``, ``.arrow`` and a directory written by
-  ``datasets.Dataset.save_to_disk`` are read through Hugging Face ``datasets`` (the optional extra
-  ``litpeft[data]``); any other directory is read file by file, in sorted order.
-- *row format*, chosen by the source class: :class:`Alpaca` (``instruction``/``input``/``output``),
-  :class:`Chat` (OpenAI ``messages``), :class:`ShareGPT` (``conversations``), or :class:`AutoSource` (the
-  default: decides per row from its keys). :class:`HFDataset` reads every path through ``datasets``.
+- *storage*, found from the path (:mod:`litpeft.data.readers`): ``.json`` (a list of objects) and
+  ``.jsonl`` are read by litpeft, with line numbers for errors; ``.parquet``, ``.csv``, ``.tsv``,
+  ``.arrow`` and a directory written by ``datasets.Dataset.save_to_disk`` are read through Hugging Face
+  ``datasets`` (the optional extra ``litpeft[data]``); any other directory is read file by file, in
+  sorted order.
+- *row format*, chosen by the source class (this module): :class:`Alpaca` (``instruction``/``input``/
+  ``output``), :class:`Chat` (OpenAI ``messages``), :class:`ShareGPT` (``conversations``), or
+  :class:`AutoSource` (the default: decides per row from its keys). :class:`HFDataset` reads every path
+  through ``datasets``.
 
 A user adds a format by subclassing :class:`DataSource` and implementing :meth:`DataSource.to_messages`,
 then naming the class by ``class_path`` under ``data.source``.
@@ -19,61 +21,33 @@ or row index, and the field.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from litpeft.data.prompts import Message
+from litpeft.data.readers import (
+    DATASETS_BUILDERS,
+    SUFFIXES,
+    BadRow,
+    data_files,
+    file_rows,
+    is_saved_dataset,
+    require_datasets,
+)
 from litpeft.errors import LitPeftError
-from litpeft.files import cache_dir
 
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).parent / "demo"
 ROLES = ("system", "user", "assistant")
-#: file suffix -> builder name of ``datasets.load_dataset``
-DATASETS_BUILDERS = {
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".arrow": "arrow",
-    ".json": "json",
-    ".jsonl": "json",
-}
-SUFFIXES = tuple(DATASETS_BUILDERS)
-
-
-class BadRow(LitPeftError):
-    """One row that cannot become a sample: where it is, which field, and what is wrong."""
-
-    def __init__(self, where: str, problem: str, field: str | None = None) -> None:
-        self.where, self.problem, self.field = where, problem, field
-        super().__init__(f"{where}: " + (f"field '{field}' {problem}" if field else problem))
-
-
-def require_datasets() -> Any:
-    """Import Hugging Face ``datasets`` or fail with the install line."""
-    try:
-        import datasets
-    except ImportError:
-        raise LitPeftError(
-            "reading parquet/CSV/arrow files or save_to_disk directories needs the 'datasets' package: "
-            "pip install 'litpeft[data]'"
-        ) from None
-    return datasets
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """Whether ``path`` is a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
-    return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
 @dataclass
-class Loaded:
+class LoadedData:
     """What :meth:`DataSource.load` returns: the samples, and the bad rows it skipped."""
 
     samples: list[list[Message]]
@@ -87,7 +61,7 @@ class DataSource:
     """Base class: reads rows from a file, a directory of files or a saved dataset; subclasses convert rows.
 
     Args:
-        reader: ``auto`` reads ``.json``/``.jsonl`` here (exact line numbers in errors) and everything else
+        reader: ``auto`` reads ``.json``/``.jsonl`` itself (exact line numbers in errors) and everything else
             through ``datasets``; ``datasets`` reads every file through ``datasets.load_dataset``.
         split: split of a saved ``DatasetDict`` that ``train_file`` names.
         val_split: split of a saved ``DatasetDict`` that ``val_file`` names.
@@ -111,86 +85,21 @@ class DataSource:
         """One row as chat messages; raise :class:`BadRow` when it does not fit."""
         raise NotImplementedError
 
-    # -- storage --------------------------------------------------------------------------------------
+    # -- storage (litpeft.data.readers) ---------------------------------------------------------------
     def files(self, path: str | Path) -> list[Path]:
         """The data files (or the one saved-dataset directory) that ``path`` stands for."""
-        path = Path(path).expanduser()
-        if path.is_file():
-            return [path]
-        if is_saved_dataset(path):
-            return [path]
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix in SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not found:
-                raise LitPeftError(f"data directory '{path}' has no data files ({', '.join(SUFFIXES)})")
-            return found
-        raise LitPeftError(f"data file '{path}' does not exist")
+        return data_files(path)
 
     def rows(self, path: str | Path, role: Literal["train", "val"] = "train") -> Iterator[tuple[str, Any]]:
         """``(location, row)`` for every row under ``path``; a malformed row comes as a :class:`BadRow`."""
+        split = self.split if role == "train" else self.val_split
         for file in self.files(path):
-            if file.is_dir():
-                yield from self._saved_rows(file, self.split if role == "train" else self.val_split)
-            elif self.reader == "auto" and file.suffix == ".jsonl":
-                yield from _jsonl_rows(file)
-            elif self.reader == "auto" and file.suffix == ".json":
-                yield from _json_rows(file)
-            elif file.suffix in DATASETS_BUILDERS:
-                yield from self._datasets_rows(file)
-            else:
-                raise LitPeftError(
-                    f"data file '{file}' has an unknown suffix; use one of: {', '.join(SUFFIXES)}"
-                )
-
-    def _datasets_rows(self, file: Path) -> Iterator[tuple[str, Any]]:
-        datasets = require_datasets()
-        kwargs: dict[str, Any] = {}
-        if file.suffix in (".csv", ".tsv"):  # every column a string, as in the file ("42" stays "42")
-            delimiter = "\t" if file.suffix == ".tsv" else self.load_kwargs.get("delimiter", ",")
-            with open(file, encoding="utf-8", newline="") as f:
-                header = next(csv.reader(f, delimiter=delimiter), [])
-            kwargs = {
-                "delimiter": delimiter,
-                "keep_default_na": False,
-                "features": datasets.Features({c: datasets.Value("string") for c in header}),
-            }
-        kwargs.update(self.load_kwargs)
-        try:
-            ds = datasets.load_dataset(
-                DATASETS_BUILDERS[file.suffix],
-                data_files=str(file),
-                split="train",
-                cache_dir=str(cache_dir() / "data" / "hf"),
-                **kwargs,
-            )
-        except Exception as e:  # datasets raises many types for unreadable files
-            raise LitPeftError(f"{file}: cannot be read by datasets ({type(e).__name__}: {e})") from None
-        for i, row in enumerate(ds):
-            yield f"{file} row {i}", row
-
-    def _saved_rows(self, directory: Path, split: str) -> Iterator[tuple[str, Any]]:
-        datasets = require_datasets()
-        ds = datasets.load_from_disk(str(directory))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise LitPeftError(
-                    f"saved dataset '{directory}' has no split '{split}'; it has: {', '.join(ds)} "
-                    "(set data.source.init_args.split / val_split)"
-                )
-            ds, directory = ds[split], directory / split
-        for i, row in enumerate(ds):
-            yield f"{directory} row {i}", row
+            yield from file_rows(file, self.reader, split, self.load_kwargs)
 
     # -- both -----------------------------------------------------------------------------------------
     def load(
         self, path: str | Path, role: Literal["train", "val"] = "train", skip_bad_rows: bool = False
-    ) -> Loaded:
+    ) -> LoadedData:
         """All samples under ``path``. A bad row raises, or with ``skip_bad_rows`` is skipped and counted."""
         samples: list[list[Message]] = []
         skipped: list[BadRow] = []
@@ -220,44 +129,10 @@ class DataSource:
             )
         if not samples:
             raise LitPeftError(f"data '{path}': all {n} rows are bad, none is left (first: {skipped[0]})")
-        return Loaded(samples, n, skipped, locations)
+        return LoadedData(samples, n, skipped, locations)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
-
-
-# -- readers of JSON files ------------------------------------------------------------------------------
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
-        where = f"{path}:{i}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            yield where, BadRow(where, "is not UTF-8 text")
-            continue
-        if not line.strip():
-            continue
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield where, BadRow(where, f"malformed JSON ({e.msg} at column {e.colno})")
-
-
-def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LitPeftError(f"{path}: is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not text.lstrip().startswith("["):  # JSON lines under a .json name, as datasets accepts
-        yield from _jsonl_rows(path)
-        return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        # One broken bracket makes the whole list unreadable: this cannot be skipped row by row.
-        raise LitPeftError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    for i, row in enumerate(data):
-        yield f"{path} row {i}", row
 
 
 # -- field checks -----------------------------------------------------------------------------------------
@@ -451,13 +326,30 @@ def load_alpaca(path: str | Path, column_map: dict[str, str] | None = None) -> l
 
 
 __all__ = [
+    "DATASETS_BUILDERS",
+    "DEMO_DIR",
+    "SUFFIXES",
     "Alpaca",
     "AutoSource",
     "BadRow",
     "Chat",
     "DataSource",
     "HFDataset",
-    "Loaded",
+    "LoadedData",
     "ShareGPT",
+    "is_saved_dataset",
     "load_alpaca",
+    "require_datasets",
+    "text_field",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name != "Loaded":
+        raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+    warnings.warn(
+        f"{__name__}.Loaded moved to {__name__}.LoadedData; the old path goes in the next release",
+        FutureWarning,
+        stacklevel=2,
+    )
+    return LoadedData

@@ -10,8 +10,19 @@ from typing import Any, ClassVar
 
 import pytest
 
+from litpeft.data import prompts
 from litpeft.data.collate import IGNORE_INDEX, encode
-from litpeft.data.prompts import STYLES, PromptStyle, get_style, style_name
+from litpeft.data.prompts import (
+    STYLES,
+    AlpacaStyle,
+    ChatMLStyle,
+    ChatTemplateStyle,
+    Llama3Style,
+    PlainStyle,
+    PromptStyle,
+    get_style,
+    style_name,
+)
 from litpeft.errors import LitPeftError
 from litpeft.models import tiny_tokenizer
 
@@ -128,7 +139,7 @@ def test_alpaca_single_turn_with_and_without_input(tok: Any) -> None:
 
 
 def test_auto_is_the_chat_template_when_there_is_one(tok: Any) -> None:
-    assert type(get_style("auto", tok)).__name__ == "ChatTemplate"
+    assert type(get_style("auto", tok)) is ChatTemplateStyle
     bare = tiny_tokenizer()
     bare.chat_template = None
     assert get_style("auto", bare).name == "alpaca"
@@ -201,5 +212,28 @@ def test_user_styles_by_name_and_by_import_path(tok: Any) -> None:
     assert tok.decode(out["input_ids"]) == "USER: Hi there\nASSISTANT: Hello!" + EOS
     path = style_name(Unnamed())
     assert path.endswith(".Unnamed") and isinstance(get_style(path), Unnamed)
-    with pytest.raises(LitPeftError, match="cannot import prompt style 'nowhere.Style'"):
+    with pytest.raises(LitPeftError, match=r"unknown prompt_style 'nowhere.Style'; built-in: alpaca, "):
         get_style("nowhere.Style")
+    with pytest.raises(LitPeftError, match=r"'litpeft.data.Alpaca' is not a litpeft PromptStyle"):
+        get_style("litpeft.data.Alpaca")  # the data source of that name, not the style
+
+
+def test_style_classes_keep_their_saved_names_and_old_class_names() -> None:
+    new = {
+        "alpaca": AlpacaStyle,
+        "chat_template": ChatTemplateStyle,
+        "chatml": ChatMLStyle,
+        "llama-3": Llama3Style,
+        "plain": PlainStyle,
+    }
+    for short, cls in new.items():
+        assert STYLES[short] is cls and style_name(cls()) == short and type(get_style(short)) is cls
+    old = {"Alpaca": "alpaca", "ChatTemplate": "chat_template", "ChatML": "chatml", "Llama3": "llama-3"}
+    for name, short in {**old, "Plain": "plain"}.items():
+        with pytest.warns(FutureWarning, match=rf"prompts\.{name} moved to .*prompts\.{name}Style"):
+            assert getattr(prompts, name) is new[short]
+    with pytest.warns(FutureWarning):
+        from litpeft.data.prompts import Alpaca
+    assert Alpaca is AlpacaStyle
+    with pytest.raises(AttributeError, match="has no attribute 'Vicuna'"):
+        prompts.Vicuna  # noqa: B018

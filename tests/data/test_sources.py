@@ -11,7 +11,18 @@ from typing import Any
 
 import pytest
 
-from litpeft.data import Alpaca, AutoSource, Chat, DataSource, HFDataset, InstructionDataModule, ShareGPT
+from litpeft.data import (
+    Alpaca,
+    AutoSource,
+    Chat,
+    DataSource,
+    HFDataset,
+    InstructionDataModule,
+    LoadedData,
+    ShareGPT,
+    readers,
+    sources,
+)
 from litpeft.data.sources import text_field
 from litpeft.errors import LitPeftError
 
@@ -41,8 +52,18 @@ def test_alpaca_jsonl_and_json(tmp_path: Path) -> None:
     as_list.write_text(json.dumps(ROWS, indent=2))
     for path in (jsonl, as_list):
         loaded = Alpaca().load(path)
+        assert isinstance(loaded, LoadedData)
         assert loaded.samples == EXPECTED
         assert loaded.rows == 2 and loaded.skipped == []
+
+
+def test_old_names_still_import() -> None:
+    with pytest.warns(FutureWarning, match=r"sources\.Loaded moved to litpeft\.data\.sources\.LoadedData"):
+        from litpeft.data.sources import Loaded
+    assert Loaded is LoadedData
+    # storage moved to litpeft.data.readers; the names stay importable from sources
+    assert sources.BadRow is readers.BadRow and sources.require_datasets is readers.require_datasets
+    assert sources.SUFFIXES == readers.SUFFIXES and sources.is_saved_dataset is readers.is_saved_dataset
 
 
 def test_alpaca_column_map_dolly(tmp_path: Path) -> None:
