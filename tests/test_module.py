@@ -119,7 +119,7 @@ def test_fit_writes_a_loadable_adapter_directory(word_data: Path, tmp_path: Path
     module.model.eval()
     torch.testing.assert_close(model(x).logits, module.model(x).logits)
     assert isinstance(method, LoRA) and method.r == 4
-    assert type(style).__name__ == "ChatTemplate"
+    assert style.name == "chat_template"
 
 
 def test_configure_model_uses_cpu_attention_with_the_same_logits() -> None:

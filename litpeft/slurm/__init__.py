@@ -32,7 +32,7 @@ Wiring into a LightningCLI subclass::
 Submit with ``#SBATCH --signal=USR1@90 --requeue --open-mode=append`` (see scripts/slurm/*.sbatch).
 
 Modules: :mod:`~litpeft.slurm.environment` (is this a SLURM task, the job id, Lightning's plugin),
-:mod:`~litpeft.slurm.layout` (the layout check), :mod:`~litpeft.slurm.checkpoint` (the atomic write and
+:mod:`~litpeft.slurm.topology` (the layout check), :mod:`~litpeft.slurm.checkpoint` (the atomic write and
 the job marker), :mod:`~litpeft.slurm.callback` (:class:`PreemptionCheckpoint`, :func:`was_preempted`),
 :mod:`~litpeft.slurm.resume` (resume-if-present). Import the names from ``litpeft.slurm``.
 """
@@ -40,7 +40,7 @@ the job marker), :mod:`~litpeft.slurm.callback` (:class:`PreemptionCheckpoint`, 
 from litpeft.slurm.callback import DEFAULT_REQUEUE_COMMAND, PreemptionCheckpoint, was_preempted
 from litpeft.slurm.checkpoint import DEFAULT_FILENAME, atomic_save_checkpoint
 from litpeft.slurm.environment import is_slurm_job, slurm_job_id, slurm_plugins
-from litpeft.slurm.layout import SlurmLayoutError, check_slurm_layout, slurm_layout_error
+from litpeft.slurm.topology import SlurmLayoutError, check_slurm_layout, slurm_layout_error
 from litpeft.slurm.resume import SlurmResumeError, auto_resume_checkpoint, find_resume_checkpoint
 
 __all__ = [
