@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 
 import pytest
 from adapter_helpers import error_line, main_error, make_adapter, run_litpeft, save_other_base, write_jsonl
 
+from litpeft import commands
 from litpeft.cli import TOOLS, main
 from litpeft.commands import COMMANDS
 from litpeft.methods import LoRA
@@ -88,9 +90,5 @@ def test_bad_adapter_in_a_subprocess(command, kind, dirs, tmp_path) -> None:
     [("chat", "litpeft.inference"), ("row_messages", "litpeft.inference"), ("rouge_l", "litpeft.evaluation")],
 )
 def test_helpers_that_moved_out_still_import_with_a_warning(name, module) -> None:
-    import importlib
-
-    import litpeft.commands
-
     with pytest.warns(FutureWarning, match=rf"litpeft.commands.{name} moved to {module}.{name}"):
-        assert getattr(litpeft.commands, name) is getattr(importlib.import_module(module), name)
+        assert getattr(commands, name) is getattr(importlib.import_module(module), name)
