@@ -283,3 +283,17 @@ __all__ = [
     "tiny_tokenizer",
     "TINY_CONFIGS",
 ]
+
+
+def base_dtype(spec: str) -> torch.dtype:
+    """The dtype the base checkpoint ``spec`` is stored in (float32 when its config does not say)."""
+    if spec.startswith("tiny:"):
+        return torch.float32
+    try:
+        config = AutoConfig.from_pretrained(resolve_spec(spec), local_files_only=True)
+    except (OSError, ValueError):
+        return torch.float32
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32

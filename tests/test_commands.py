@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 
 import pytest
 from adapter_helpers import error_line, main_error, make_adapter, run_litpeft, save_other_base, write_jsonl
 
+from litpeft import commands
 from litpeft.cli import TOOLS, main
 from litpeft.commands import COMMANDS
 from litpeft.methods import LoRA
@@ -83,20 +85,10 @@ def test_bad_adapter_in_a_subprocess(command, kind, dirs, tmp_path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-def test_prompt_rows_accept_every_training_format_without_an_answer() -> None:
-    from litpeft.commands import row_messages
-    from litpeft.errors import LitPeftError
-
-    user = {"role": "user", "content": "Hi?"}
-    assert row_messages({"prompt": "Hi?"}, "f:1") == [user]
-    assert row_messages({"conversations": [{"from": "human", "value": "Hi?"}]}, "f:2") == [user]
-    assert row_messages({"messages": [user]}, "f:3") == [user]
-    assert row_messages({"instruction": "Hi?"}, "f:4") == [{**user, "input": ""}]
-    assert row_messages({"instruction": "Hi?", "output": "Yo"}, "f:5")[-1] == {
-        "role": "assistant",
-        "content": "Yo",
-    }
-    with pytest.raises(LitPeftError, match=r"f:6: field 'messages\[0\].role' has unknown role 'bot'"):
-        row_messages({"messages": [{"role": "bot", "content": "x"}]}, "f:6")
-    with pytest.raises(LitPeftError, match="f:7: field 'instruction' is missing or empty"):
-        row_messages({"text": "no known field"}, "f:7")
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [("chat", "litpeft.inference"), ("row_messages", "litpeft.inference"), ("rouge_l", "litpeft.evaluation")],
+)
+def test_helpers_that_moved_out_still_import_with_a_warning(name, module) -> None:
+    with pytest.warns(FutureWarning, match=rf"litpeft.commands.{name} moved to {module}.{name}"):
+        assert getattr(commands, name) is getattr(importlib.import_module(module), name)

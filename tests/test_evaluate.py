@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import sys
 
 import pytest
 import torch
 from adapter_helpers import make_adapter, read_jsonl, run_litpeft, write_jsonl
 
 from litpeft.adapter_dir import load_adapter
-from litpeft.commands import evaluate, generate, rouge_l
+from litpeft.commands import evaluate, generate
 from litpeft.data.collate import encode
 from litpeft.errors import LitPeftError
 from litpeft.methods import LoRA
+from tests.test_evaluation import rouge_l_reference
 
 VAL = [
     {"instruction": "Add 2 and 3.", "output": "5"},
@@ -34,43 +33,6 @@ VAL = [
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     return make_adapter(tmp_path_factory.mktemp("eval") / "adapter", "tiny:llama", LoRA(r=4))
-
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-    for i, x in enumerate(a):
-        for j, y in enumerate(b):
-            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
-    return table[-1][-1]
-
-
-def _rouge_l_reference(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 (Lin 2004): P = LCS/|pred|, R = LCS/|ref|, F = 2PR/(P+R), on lowercased [a-z0-9]+ words."""
-    pred, ref = (re.sub(r"[^a-z0-9]+", " ", s.lower()).split() for s in (prediction, reference))
-    lcs = _lcs(pred, ref)
-    if not lcs:
-        return 0.0
-    p, r = lcs / len(pred), lcs / len(ref)
-    return 2 * p * r / (p + r)
-
-
-def test_rouge_l_is_the_lcs_f1() -> None:
-    preds = [
-        "the cat sat on the mat",
-        "Hello, World!",
-        "a b c d e",
-        "nothing in common",
-        "police killed the gunman",
-    ]
-    refs = ["the cat is on the mat", "hello world", "e d c b a", "xyz", "the gunman killed police"]
-    expected = sum(_rouge_l_reference(p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
-    assert rouge_l(preds, refs) == pytest.approx(expected, abs=1e-6)
-    assert rouge_l(["same words here"], ["Same words, here."]) == pytest.approx(1.0)
-
-
-def test_rouge_l_needs_no_nltk(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "nltk", None)  # any `import nltk` now fails
-    assert rouge_l(["a b c"], ["a c"]) == pytest.approx(0.8)  # LCS 2: P 2/3, R 1
 
 
 def test_token_metrics_match_a_per_sample_reference(adapter, tmp_path) -> None:
@@ -132,7 +94,7 @@ def test_exact_match_and_rouge_against_the_models_own_answers(adapter, tmp_path)
     assert summary["exact_match"] == pytest.approx(0.5)
     refs = [v["output"] for v in val]
     assert summary["rougeL"] == pytest.approx(
-        sum(_rouge_l_reference(a, r) for a, r in zip(answers, refs, strict=True)) / len(refs), abs=1e-6
+        sum(rouge_l_reference(a, r) for a, r in zip(answers, refs, strict=True)) / len(refs), abs=1e-6
     )
     predictions = read_jsonl(tmp_path / "pred.jsonl")
     assert [p["generated"] for p in predictions] == answers and [p["reference"] for p in predictions] == refs

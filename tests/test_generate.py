@@ -1,4 +1,5 @@
-"""``litpeft generate``: one prompt, a batch from a JSONL file, and the interactive chat."""
+"""``litpeft generate``: one prompt, a batch from a JSONL file, and the interactive chat (the REPL itself:
+tests/test_inference.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pytest
 from adapter_helpers import make_adapter, read_jsonl, run_litpeft, write_jsonl
 from transformers import GenerationMixin
 
-from litpeft.commands import chat, generate, generate_batched, load
+from litpeft.commands import generate
 from litpeft.errors import LitPeftError
+from litpeft.inference import generate as generate_texts
+from litpeft.inference import load_for_inference
 from litpeft.methods import LoRA
 
 
@@ -70,7 +73,7 @@ def test_jsonl_batch_is_generated_in_batches_in_input_order(adapter, tmp_path, g
 
 
 def test_prompt_uses_the_adapters_prompt_style(adapter, generate_calls, capsys) -> None:
-    loaded = load(str(adapter), None)
+    loaded = load_for_inference(str(adapter), None)
     generate(adapter=str(adapter), prompt="Name a color.", max_new_tokens=3)
     ((ids, out),) = generate_calls
     tokenizer = loaded.tokenizer
@@ -87,7 +90,7 @@ def test_saved_chat_template_style_and_override(tmp_path, generate_calls, capsys
     adapter = make_adapter(tmp_path / "adapter", "tiny:llama", LoRA(r=2), style="chat_template")
     generate(adapter=str(adapter), prompt="Hi", system="Be brief.", max_new_tokens=1)
     generate(adapter=str(adapter), prompt="Hi", prompt_style="alpaca", max_new_tokens=1)
-    tokenizer = load(None, "tiny:llama").tokenizer
+    tokenizer = load_for_inference(None, "tiny:llama").tokenizer
     chatml, alpaca = (tokenizer.decode(ids[0]) for ids, _ in generate_calls)
     assert (
         chatml
@@ -99,7 +102,7 @@ def test_saved_chat_template_style_and_override(tmp_path, generate_calls, capsys
 def test_raw_prompt_and_base_model_alone(generate_calls, capsys) -> None:
     generate(model="tiny:llama", prompt="Once upon a time", raw=True, max_new_tokens=2)
     ((ids, _),) = generate_calls
-    assert load(None, "tiny:llama").tokenizer.decode(ids[0]) == "Once upon a time"
+    assert load_for_inference(None, "tiny:llama").tokenizer.decode(ids[0]) == "Once upon a time"
 
 
 def test_sampling_is_reproducible_with_a_seed(adapter, capsys) -> None:
@@ -110,50 +113,6 @@ def test_sampling_is_reproducible_with_a_seed(adapter, capsys) -> None:
     first = sample(3)
     assert sample(3) == first
     assert sample(4) != first
-
-
-def test_chat_keeps_the_history_and_streams(adapter, generate_calls, capsys) -> None:
-    loaded = load(str(adapter), None)
-    lines = iter(["What is a zebra?", "And a quagga?", "/reset", "Tell me about okapis."])
-
-    def read(_: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    history = chat(loaded, max_new_tokens=4, read=read)
-    assert [m["role"] for m in history] == ["user", "assistant"]  # after /reset: the last exchange only
-    prompts = [loaded.tokenizer.decode(ids[0]) for ids, _ in generate_calls]
-    assert len(prompts) == 3
-    assert "zebra" in prompts[1] and "quagga" in prompts[1]  # second turn sees the first
-    assert "zebra" not in prompts[2] and "okapis" in prompts[2]
-    streamed = capsys.readouterr().out
-    replies = [
-        loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        for ids, out in generate_calls
-    ]
-    assert streamed == "".join(r + "\n" for r in replies)
-
-
-def test_chat_drops_the_oldest_exchange_when_the_context_is_full(adapter, generate_calls, capsys) -> None:
-    loaded = load(str(adapter), None)
-    limit = loaded.model.config.max_position_embeddings  # 512 byte tokens for tiny:llama
-    lines = iter([f"first {'a' * 200}", f"second {'b' * 200}", f"third {'c' * 200}"])
-
-    def read(_: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    history = chat(loaded, max_new_tokens=4, read=read, system="Be brief.")
-    prompts = [ids[0] for ids, _ in generate_calls]
-    assert all(len(p) + 4 <= limit for p in prompts)
-    last = loaded.tokenizer.decode(prompts[-1])
-    assert "Be brief." in last and "third" in last and "first" not in last
-    assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
-    assert "dropped to fit the context" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -176,9 +135,9 @@ def test_generate_cli_prompt_in_a_subprocess(adapter) -> None:
         "generate", "--adapter", str(adapter), "--prompt", "Name a color.", "--max_new_tokens", "5"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    loaded = load(str(adapter), None)
+    loaded = load_for_inference(str(adapter), None)
     prompt = loaded.style.generation_prompt([{"role": "user", "content": "Name a color."}], loaded.tokenizer)
-    assert result.stdout == generate_batched(loaded, [prompt], 5, 1)[0] + "\n"
+    assert result.stdout == generate_texts(loaded.model, loaded.tokenizer, [prompt], 5, 1)[0] + "\n"
 
 
 def test_generate_cli_jsonl_with_a_config_file(adapter, tmp_path) -> None:

@@ -1,57 +1,71 @@
-"""Batched generation and the exact-match evaluation callback."""
+"""``litpeft.generation`` is a deprecated alias: its names and the callback's old class_path still work."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import subprocess
 
 import lightning as L
-import torch
+import pytest
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import instantiate_class
 
-from litpeft import InstructionDataModule, LoRA, PeftLM
-from litpeft.generation import ExactMatchEvaluation, exact_match, generate, split_for_generation
-from litpeft.models import load_model, load_tokenizer
-from tests.conftest import word_rows, write_jsonl
+import litpeft.generation as old
+from litpeft import evaluation, inference
+from tests.conftest import REPO, run_cli
 
-
-def test_exact_match_normalizes_whitespace_only() -> None:
-    assert exact_match([" Paris\n", "paris", "Rome  is"], ["Paris", "Paris", "Rome is"]) == 2 / 3
-
-
-def test_batched_left_padded_generation_equals_one_by_one() -> None:
-    tok, model = load_tokenizer("tiny:llama"), load_model("tiny:llama")
-    prompts = ["a", "a much longer prompt here", "mid length"]
-    batched = generate(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    single = [generate(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
-    assert batched == single
-    assert tok.padding_side == "right"  # restored
+MOVED = {
+    "generate": inference,
+    "split_for_generation": inference,
+    "exact_match": evaluation,
+    "normalize": evaluation,
+    "ExactMatchEvaluation": evaluation,
+}
 
 
-def test_split_for_generation_uses_the_last_assistant_turn() -> None:
-    msgs = [
-        {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "q2"},
-        {"role": "assistant", "content": "a2"},
-    ]
-    prompts, refs = split_for_generation([msgs])
-    assert prompts == [msgs[:3]] and refs == ["a2"]
+@pytest.mark.parametrize("name", sorted(MOVED))
+def test_old_names_resolve_to_the_new_ones_with_a_warning(name) -> None:
+    with pytest.warns(
+        FutureWarning, match=rf"litpeft.generation.{name} moved to {MOVED[name].__name__}.{name}"
+    ):
+        assert getattr(old, name) is getattr(MOVED[name], name)
+    with pytest.raises(AttributeError):
+        old.not_a_name  # noqa: B018
 
 
-def test_exact_match_callback_reports_base_then_tuned(tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "d.jsonl", word_rows(12))
-    callback = ExactMatchEvaluation(limit=4, max_new_tokens=4)
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+OLD_CALLBACK = {"class_path": "litpeft.generation.ExactMatchEvaluation", "init_args": {"limit": 3}}
+
+
+def test_old_class_path_instantiates_the_callback() -> None:
+    with pytest.warns(FutureWarning, match="litpeft.evaluation.ExactMatchEvaluation"):
+        callback = instantiate_class((), OLD_CALLBACK)
+    assert type(callback) is evaluation.ExactMatchEvaluation and callback.limit == 3
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    with pytest.warns(FutureWarning, match="litpeft.evaluation.ExactMatchEvaluation"):
+        (parsed,) = parser.instantiate_classes(parser.parse_object({"callbacks": [OLD_CALLBACK]})).callbacks
+    assert type(parsed) is evaluation.ExactMatchEvaluation and parsed.limit == 3
+
+
+def test_demo_config_names_the_new_class_path() -> None:
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    paths = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert "litpeft.evaluation.ExactMatchEvaluation" in paths
+
+
+def test_a_config_with_the_old_class_path_still_parses(tmp_path) -> None:
+    text = (REPO / "configs" / "demo.yaml").read_text()
+    old = text.replace("litpeft.evaluation.ExactMatchEvaluation", "litpeft.generation.ExactMatchEvaluation")
+    assert old != text
+    (tmp_path / "old.yaml").write_text(old)
+    result: subprocess.CompletedProcess = run_cli(
+        "fit", "--config", "old.yaml", "--print_config", cwd=tmp_path
     )
-    module = PeftLM(model="tiny:llama", method=LoRA(r=2))
-    trainer.fit(module, InstructionDataModule(train_file=str(data), val_fraction=0.5, batch_size=2))
-    assert set(callback.results) == {"base", "tuned"}
-    assert all(0.0 <= v <= 1.0 for v in callback.results.values())
-    assert not any(p.requires_grad is False and ".lora_" in n for n, p in module.named_parameters())
-    assert torch.is_grad_enabled()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "litpeft.generation.ExactMatchEvaluation moved to litpeft.evaluation.ExactMatchEvaluation" in (
+        result.stderr
+    )
+    (callback,) = [
+        c for c in yaml.safe_load(result.stdout)["trainer"]["callbacks"] if "Exact" in c["class_path"]
+    ]
+    assert callback["init_args"] == {"limit": None, "max_new_tokens": 12, "batch_size": 50}

@@ -10,7 +10,7 @@ import torch
 
 from litpeft import InstructionDataModule, LoRA, PeftLM
 from litpeft.data.prompts import get_style
-from litpeft.generation import generate
+from litpeft.inference import generate
 from litpeft.models import cache_dir, load_model, load_tokenizer
 
 pytestmark = pytest.mark.integration
