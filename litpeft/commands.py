@@ -33,7 +33,7 @@ from litpeft.evaluation import generation_metrics, token_metrics
 from litpeft.files import atomic_path
 from litpeft.inference import Dtype, load_for_inference, parse_dtype, read_conversations, sampling_options
 from litpeft.methods import method_from_config
-from litpeft.models import base_dtype, resolve_spec
+from litpeft.models import checkpoint_dtype, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def merge(
     loaded = load_for_inference(adapter, model, "float32", "cpu", None, trust_remote_code, allow_other_base)
     rest = loaded.method.unmerged_part(loaded.model)
     merged = export.merge(loaded.model, loaded.method)
-    target = parse_dtype(dtype) or base_dtype(loaded.base)
+    target = parse_dtype(dtype) or checkpoint_dtype(loaded.base)
     export.save_merged(merged, loaded.tokenizer, output, target, overwrite)
     print(f"merged model ({target}) written to {output}")
     if rest is not None:  # e.g. LLaMA-Adapter v2's gated prompts: an adapter of the merged model

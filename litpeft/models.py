@@ -273,19 +273,7 @@ def describe(model: PreTrainedModel) -> dict[str, Any]:
     return {"architecture": type(model).__name__, "parameters": total, "trainable": trainable}
 
 
-__all__ = [
-    "cache_dir",
-    "convert_gguf",
-    "describe",
-    "load_model",
-    "load_tokenizer",
-    "resolve_spec",
-    "tiny_tokenizer",
-    "TINY_CONFIGS",
-]
-
-
-def base_dtype(spec: str) -> torch.dtype:
+def checkpoint_dtype(spec: str) -> torch.dtype:
     """The dtype the base checkpoint ``spec`` is stored in (float32 when its config does not say)."""
     if spec.startswith("tiny:"):
         return torch.float32
@@ -297,3 +285,16 @@ def base_dtype(spec: str) -> torch.dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+__all__ = [
+    "cache_dir",
+    "checkpoint_dtype",
+    "convert_gguf",
+    "describe",
+    "load_model",
+    "load_tokenizer",
+    "resolve_spec",
+    "tiny_tokenizer",
+    "TINY_CONFIGS",
+]

@@ -15,6 +15,9 @@ def test_switches_are_off_inside_the_block_and_restored_after() -> None:
 
 
 def test_an_unknown_switch_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown speed change 'warp_drive'"), speedups_off(["padding_mask", "warp_drive"]):
+    with (
+        pytest.raises(ValueError, match="unknown speed change 'warp_drive'"),
+        speedups_off(["padding_mask", "warp_drive"]),
+    ):
         pass
     assert all(getattr(SPEEDUPS, n) for n in Speedups.names())

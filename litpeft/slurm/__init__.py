@@ -40,8 +40,8 @@ the job marker), :mod:`~litpeft.slurm.callback` (:class:`PreemptionCheckpoint`, 
 from litpeft.slurm.callback import DEFAULT_REQUEUE_COMMAND, PreemptionCheckpoint, was_preempted
 from litpeft.slurm.checkpoint import DEFAULT_FILENAME, atomic_save_checkpoint
 from litpeft.slurm.environment import is_slurm_job, slurm_job_id, slurm_plugins
-from litpeft.slurm.topology import SlurmLayoutError, check_slurm_layout, slurm_layout_error
 from litpeft.slurm.resume import SlurmResumeError, auto_resume_checkpoint, find_resume_checkpoint
+from litpeft.slurm.topology import SlurmLayoutError, check_slurm_layout, slurm_layout_error
 
 __all__ = [
     "DEFAULT_FILENAME",
