@@ -1,7 +1,7 @@
 """PEFT methods. Each lives in its own file; importing this package registers them by short name."""
 
-from litpeft.methods.adapter import HoulsbyAdapter
 from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabled, method_from_config
+from litpeft.methods.bottleneck import HoulsbyAdapter
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
