@@ -31,7 +31,12 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    eager_mask,
+    sdpa_mask,
+)
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.base import PeftLayer
@@ -140,8 +145,6 @@ def peft_attention(
 
 
 def _register() -> None:
-    from transformers.masking_utils import eager_mask, sdpa_mask
-
     for name, base in WRAPPED.items():
         AttentionInterface.register(name, peft_attention)
         AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)

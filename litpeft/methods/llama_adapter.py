@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
@@ -315,7 +315,6 @@ def _fit_config_to_biases(model: PreTrainedModel) -> None:
     Turns on the config's bias switches (``attention_bias``, ``mlp_bias``: Llama-style models) as
     needed and gives every layer such a switch adds a zero bias if it has none.
     """
-    from transformers import AutoModelForCausalLM
 
     def expected() -> set[str]:
         with torch.device("meta"):

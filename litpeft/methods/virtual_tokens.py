@@ -69,7 +69,8 @@ class VirtualTokens(nn.Module, PeftLayer):
         (``Module._call_impl``). The pre-hook files a :class:`_Call` under that dict's ``id`` and the forward
         hook takes it out again; a call the pre-hook left alone (disabled, cached step) has no record and
         its output passes unchanged. ``always_call=True`` runs the forward hook even when the forward
-        raises, so no record outlives its call, and nested calls each have their own dict.
+        raises, so no record outlives its call, and nested calls each have their own dict. (A pre-hook
+        registered after this one must keep the kwargs dict it is given, or return ``None``.)
         """
         params = inspect.signature(backbone.forward).parameters
         missing = [p for p in ("inputs_embeds", "attention_mask") if p not in params]
