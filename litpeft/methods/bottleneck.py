@@ -14,8 +14,9 @@ The sub-layers are found without per-model code (:mod:`litpeft.methods.layout`: 
 each the attention / MLP child). The adapters are attached to the layer as ``adapter_attn`` /
 ``adapter_mlp`` and applied by forward hooks on the blocks, so the attention and MLP modules keep their
 names; trained layer norms are wrapped (``<norm>.base_layer``, :class:`~litpeft.methods.layout.TrainableNorm`)
-so that disabling the method restores their base values. The activation makes adapters nonlinear: they cannot be merged into the base weights, and
-Hugging Face peft has no bottleneck adapters (peft issue #244), so there is no peft export.
+so that disabling the method restores their base values. The activation makes adapters nonlinear: they
+cannot be merged into the base weights, and Hugging Face peft has no bottleneck adapters (peft issue #244),
+so there is no peft export (both declared on :class:`HoulsbyAdapter`).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ BLOCKS = {"attention": (ATTENTION_NAMES, "Attention"), "mlp": (MLP_NAMES, "MLP")
 
 # -- attaching method state ----------------------------------------------------------------------------
 def attach(module: nn.Module, slot: str, layer: nn.Module) -> nn.Module:
-    """Hang ``layer`` on ``module`` as its child ``slot`` (registered, so it moves, saves and trains with it)."""
+    """Hang ``layer`` on ``module`` as its child ``slot`` (registered: it moves, saves and trains with it)."""
     if slot in module._modules:
         raise LitPeftError(f"{type(module).__name__} already has a '{slot}' (a method was applied twice?)")
     module.add_module(slot, layer)
