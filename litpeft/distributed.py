@@ -37,6 +37,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from litpeft.adapter_dir import FINGERPRINT_ELEMENTS, base_fingerprint
+from litpeft.methods.layout import decoder_layers
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -98,12 +99,6 @@ def data_parallel_mesh(module: PeftLM) -> DeviceMesh | None:
     if trainer is None or not isinstance(trainer.strategy, PeftFSDPStrategy):
         return None
     return trainer.strategy.device_mesh["data_parallel"]
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its ``_no_split_modules`` classes)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def shard_model(build: Callable[..., nn.Module], mesh: DeviceMesh) -> nn.Module:

@@ -2,15 +2,15 @@
 
 Both are generic over :class:`~litpeft.methods.PeftMethod`: the method folds itself into the base
 (:meth:`~litpeft.methods.PeftMethod.merge`) or maps its tensors to peft's names
-(:meth:`~litpeft.methods.PeftMethod.to_peft`); this module checks the result and writes it. A directory
-is written under a temporary name and renamed at the end, so a failure leaves nothing behind.
+(:meth:`~litpeft.methods.PeftMethod.to_peft`); this module checks the result and writes it. Whether a
+method can be merged or exported is declared by the method (``mergeable``, ``exportable_to_peft``) and
+checked before any model is loaded. A directory is written under a temporary name and renamed at the end
+(:func:`litpeft.files.atomic_path`), so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,24 +20,21 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from litpeft.errors import LitPeftError
+from litpeft.files import atomic_path
 from litpeft.methods import PeftLayer, PeftMethod
+from litpeft.methods.base import refuse
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def check_mergeable(method: PeftMethod) -> None:
-    """Fail before any model is loaded when the method declares it cannot be merged."""
-    if not getattr(method, "mergeable", False):
-        raise LitPeftError(
-            f"method '{method.name}' cannot be merged into the base weights (it is not a weight update); "
-            "use the adapter directory as is (litpeft generate --adapter) or export it (litpeft export)"
-        )
+    """Fail before any model is loaded when the method declares it cannot be merged (``mergeable``)."""
+    refuse(method.merge_refusal())
 
 
 def check_exportable(method: PeftMethod) -> None:
-    """Fail before any model is loaded when the method has no peft mapping at all."""
-    if type(method).to_peft is PeftMethod.to_peft:
-        raise LitPeftError(f"method '{method.name}' has no Hugging Face peft equivalent to export to")
+    """Fail before any model is loaded when the method declares no peft form (``exportable_to_peft``)."""
+    refuse(method.peft_refusal())
 
 
 def merge(model: PreTrainedModel, method: PeftMethod) -> PreTrainedModel:
@@ -128,17 +125,8 @@ def check_output_dir(output: str | Path, overwrite: bool) -> Path:
 
 
 def write_directory(output: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Run ``write(tmp)`` on a temporary sibling of ``output``, then move it into place."""
+    """Run ``write(tmp)`` on a temporary sibling of ``output``, then move it into place in one rename."""
     output = check_output_dir(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_path(output, directory=True) as tmp:
         write(tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.replace(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output

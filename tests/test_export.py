@@ -133,3 +133,13 @@ def test_peft_round_trip_real_model(tmp_path) -> None:
     ids = tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
     # Logits reach about 30 here; 30 layers of DoRA's norm computed in another order leave ~3e-4.
     torch.testing.assert_close(logits(peft_model, ids), logits(ours, ids), rtol=1e-4, atol=1e-3)
+
+
+def test_houlsby_export_is_refused_by_its_declaration_before_the_base_is_loaded(tmp_path) -> None:
+    """The capability check runs first: a base that does not exist is never reached."""
+    from litpeft.methods import HoulsbyAdapter
+
+    adapter = make_adapter(tmp_path / "adapter", "tiny:llama", HoulsbyAdapter(bottleneck_size=4))
+    with pytest.raises(LitPeftError, match="Houlsby/Pfeiffer adapters have no Hugging Face peft equivalent"):
+        export_adapter(str(adapter), str(tmp_path / "out"), model=str(tmp_path / "does-not-exist"))
+    assert not (tmp_path / "out").exists()

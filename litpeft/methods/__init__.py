@@ -1,7 +1,12 @@
-"""PEFT methods. Each lives in its own file; importing this package registers them by short name."""
+"""PEFT methods. Each lives in its own file; importing this package registers them by short name.
 
-from litpeft.methods.adapter import HoulsbyAdapter
+Adding a method is one file (a :class:`PeftMethod` subclass with a ``name``) and one import line here.
+Shared mechanisms: ``base`` (the interface), ``layout`` (where things are in a model, attaching state),
+``attention`` (the attention function and its slots), ``virtual_tokens`` (soft prompts at the input).
+"""
+
 from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabled, method_from_config
+from litpeft.methods.bottleneck import HoulsbyAdapter
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2

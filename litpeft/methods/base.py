@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -18,6 +19,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from litpeft.errors import LitPeftError
+from litpeft.registry import resolve_class
+from litpeft.speedups import SPEEDUPS
 
 METHODS: dict[str, type[PeftMethod]] = {}
 
@@ -44,12 +47,19 @@ class Dropout(nn.Dropout):
     probability is ``p`` rounded to a multiple of 1/65536 (off by at most 7.7e-6) and the kept values are
     scaled by the exact inverse of that keep probability, so the output stays unbiased. The masks come
     from torch's CPU generator, so seeding and gradient checkpointing's RNG replay work as for
-    ``nn.Dropout``. On other devices, in eval mode and in place it is ``nn.Dropout``.
+    ``nn.Dropout``. On other devices, in eval mode, in place and with ``SPEEDUPS.fast_dropout`` off it is
+    ``nn.Dropout``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         drop = round(self.p * 65536)
-        if not self.training or x.device.type != "cpu" or self.inplace or not 0 < drop < 65536:
+        if (
+            not SPEEDUPS.fast_dropout
+            or not self.training
+            or x.device.type != "cpu"
+            or self.inplace
+            or not 0 < drop < 65536
+        ):
             return super().forward(x)
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
         bits = words.view(torch.int16)[: x.numel()].view(x.shape)  # uniform on [-32768, 32767]
@@ -66,13 +76,43 @@ class PeftMethod:
     """
 
     name: ClassVar[str] = ""
+    # -- declared capabilities (as peft's), checked by ``litpeft merge/export`` before a model is loaded ---
     #: Whether :meth:`merge` folds the method into the base weights.
     mergeable: ClassVar[bool] = False
+    #: Whether :meth:`to_peft` maps it to a Hugging Face peft adapter. A subclass that overrides
+    #: ``to_peft`` without declaring this is taken as exportable.
+    exportable_to_peft: ClassVar[bool] = False
+    #: The one-line error when not mergeable / not exportable ("": a generic one naming the method).
+    not_mergeable_reason: ClassVar[str] = ""
+    not_exportable_reason: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "exportable_to_peft" not in cls.__dict__ and "to_peft" in cls.__dict__:
+            cls.exportable_to_peft = True
         if cls.name and cls.name not in METHODS:
             METHODS[cls.name] = cls
+
+    def merge_refusal(self) -> str | None:
+        """``None`` when this method (with its config) can be merged, else why not, in one line."""
+        if self.mergeable:
+            return None
+        return self.not_mergeable_reason or (
+            f"method '{self.name}' cannot be merged into the base weights (it is not a weight update); "
+            "use the adapter directory as is (litpeft generate --adapter) or export it (litpeft export)"
+        )
+
+    def peft_refusal(self) -> str | None:
+        """``None`` when this method (with its config) has a peft form, else why not, in one line.
+
+        Override it where the answer depends on the config. What depends on the model (e.g. the
+        architecture) is checked by :meth:`to_peft` itself.
+        """
+        if self.exportable_to_peft:
+            return None
+        return self.not_exportable_reason or (
+            f"method '{self.name}' has no Hugging Face peft equivalent to export to"
+        )
 
     # -- the part a method implements -------------------------------------------------------------
     def inject(self, model: PreTrainedModel) -> None:
@@ -81,7 +121,8 @@ class PeftMethod:
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Fold the method into the base weights; return a plain HF model without method layers."""
-        raise LitPeftError(f"method '{self.name}' cannot be merged into the base weights")
+        refuse(self.merge_refusal())
+        raise NotImplementedError(f"{type(self).__name__} declares mergeable but does not implement merge()")
 
     def unmerged_part(self, model: PreTrainedModel) -> tuple[PeftMethod, dict[str, torch.Tensor]] | None:
         """What :meth:`merge` leaves out, as ``(method, tensors)`` for an adapter of the merged model.
@@ -94,7 +135,8 @@ class PeftMethod:
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Hugging Face ``peft`` form of the adapter: ``(adapter_config, adapter_state_dict)``."""
-        raise LitPeftError(f"method '{self.name}' has no Hugging Face peft equivalent to export to")
+        refuse(self.peft_refusal())
+        raise NotImplementedError(f"{type(self).__name__} declares exportable_to_peft but has no to_peft()")
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors that make up the trained adapter (default: every trainable parameter)."""
@@ -163,25 +205,18 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             m.disabled = b
 
 
+def refuse(reason: str | None) -> None:
+    """Raise :class:`LitPeftError` with ``reason`` unless it is ``None`` (a capability check's answer)."""
+    if reason is not None:
+        raise LitPeftError(reason)
+
+
 def method_from_config(config: dict[str, Any]) -> PeftMethod:
-    """Build a method from ``{"class_path", "init_args"}`` or a short name; only PeftMethod subclasses."""
-    import importlib
+    """Build a method from ``{"class_path", "init_args"}``: a short name or an import path to a PeftMethod.
 
-    import litpeft.methods  # noqa: F401  (registers the built-in methods)
-
-    path = config.get("class_path", "")
-    if path in METHODS:
-        cls = METHODS[path]
-    else:
-        module, _, qualname = path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), qualname)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise LitPeftError(
-                f"unknown method '{path}'; built-in methods: {', '.join(sorted(METHODS))}"
-            ) from e
-        if not (isinstance(cls, type) and issubclass(cls, PeftMethod)):
-            raise LitPeftError(f"'{path}' is not a litpeft PeftMethod")
+    The built-in methods are registered: importing this module runs ``litpeft/methods/__init__.py`` first.
+    """
+    cls = resolve_class(config.get("class_path", ""), METHODS, PeftMethod, "method")
     return cls(**config.get("init_args", {}))
 
 
@@ -194,8 +229,6 @@ def find_targets(
     ``"." + entry``; a string is a regular expression that must match the full name; ``"all-linear"``
     selects every linear layer except the output (LM head) layer.
     """
-    import re
-
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
@@ -218,5 +251,6 @@ def find_targets(
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``name`` (how a method wraps a layer: LoRA, bias/scale, norms)."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

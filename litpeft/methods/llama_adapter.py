@@ -25,15 +25,100 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
-from litpeft.methods.attention import AdaptionPrompt, attention_modules, restore_attention, use_peft_attention
-from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, replace_module
+from litpeft.methods.attention import (
+    AttentionState,
+    register_attention_slot,
+    restore_attention,
+    use_peft_attention,
+)
+from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, refuse, replace_module
+from litpeft.methods.layout import TrainableNorm, attach, attention_modules, detach, text_config, train_norms
 from litpeft.quantize import plain_layer
 
-ADAPTION = "litpeft_adaption"  # attribute of the attention module that holds its AdaptionPrompt
+ADAPTION = "litpeft_adaption"  # attention slot that holds a layer's AdaptionPrompt
+
+
+class AdaptionPrompt(AttentionState):
+    """LLaMA-Adapter's adaption prompt of one layer: ``K`` prompt vectors and a zero-init gate.
+
+    The prompt's keys/values come from the layer's own (frozen) key/value projections, without rotary
+    encoding (paper sec. 3.2). ``gate`` has one entry per head (``per_head=True``, the paper's choice) or
+    one for the layer (peft's ``adaption_prompt``); it enters as ``tanh(gate)``: a separate softmax over
+    the prompt keys, scaled per head, added to the attention output (eq. 8).
+
+    Outside autograd (generation), the prompt keys/values are computed once and reused for every token
+    until a tensor they depend on changes.
+    """
+
+    def __init__(self, hidden_size: int, num_tokens: int, num_heads: int, per_head: bool = True) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(num_tokens, hidden_size))
+        self.gate = nn.Parameter(torch.zeros(num_heads if per_head else 1))
+        self._cached: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def key_value(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(num_kv_heads, K, head_dim)`` keys and values of the prompt through ``module``'s projections."""
+        if torch.is_grad_enabled():
+            self._cached = None
+            return prompt_key_value(module, self.prompt)
+        deps = [self.prompt, *module.parameters()]
+        stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in deps) + (
+            torch.is_autocast_enabled(self.prompt.device.type),
+        )
+        if self._cached is None or self._cached[0] != stamp:
+            self._cached = (stamp, prompt_key_value(module, self.prompt))
+        return self._cached[1]
+
+    def output(
+        self, module: nn.Module, query: torch.Tensor, out: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """``out + tanh(g) * softmax(Q K_p^T / sqrt(d)) V_p`` (eq. 8), in the query's head layout."""
+        ak, av = self.key_value(module)
+        groups = query.shape[1] // ak.shape[0]
+        ak = ak.repeat_interleave(groups, dim=0).to(query.dtype)  # same head grouping as repeat_kv
+        av = av.repeat_interleave(groups, dim=0).to(query.dtype)
+        scaling = kwargs.get("scaling") or module.head_dim**-0.5
+        scores = torch.softmax((query @ ak.transpose(-1, -2)).float() * scaling, dim=-1)
+        gate = torch.tanh(self.gate.float()).view(1, -1, 1, 1)  # one per head, or one broadcast
+        extra = ((gate * scores).to(av.dtype) @ av).transpose(1, 2)
+        return out + extra.to(out.dtype)
+
+
+register_attention_slot(ADAPTION, AdaptionPrompt)
+
+
+def prompt_key_value(module: nn.Module, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of ``prompt`` (``K x hidden``) by the attention module's own projections, no RoPE.
+
+    Knows the three layouts of the interface's architectures: separate ``k_proj``/``v_proj`` (Llama,
+    Mistral, Qwen2/3, Gemma; Qwen3's ``k_norm`` applied), fused ``c_attn`` (GPT-2) and fused
+    ``qkv_proj`` (Phi3).
+    """
+    head_dim = module.head_dim
+    x = prompt[None]
+    if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
+        k, v = module.k_proj(x), module.v_proj(x)
+    elif hasattr(module, "c_attn") and hasattr(module, "split_size"):  # GPT-2
+        _, k, v = module.c_attn(x).split(module.split_size, dim=2)
+    elif hasattr(module, "qkv_proj"):  # Phi3: [q | k | v] with q of num_heads * head_dim
+        qkv = module.qkv_proj(x)
+        q_size = module.config.num_attention_heads * head_dim
+        kv_size = (qkv.shape[-1] - q_size) // 2
+        k, v = qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+    else:
+        raise LitPeftError(
+            f"LLaMA-Adapter does not know the key/value projections of {type(module).__name__} "
+            "(supported: k_proj/v_proj, c_attn, qkv_proj)"
+        )
+    k = k.view(k.shape[1], -1, head_dim).transpose(0, 1)
+    v = v.view(v.shape[1], -1, head_dim).transpose(0, 1)
+    if hasattr(module, "k_norm"):  # Qwen3-style per-head norm on keys, part of the layer's key map
+        k = module.k_norm(k)
+    return k, v
 
 
 class LlamaAdapter(PeftMethod):
@@ -48,6 +133,7 @@ class LlamaAdapter(PeftMethod):
     """
 
     name = "llama_adapter"
+    exportable_to_peft = True  # for Llama/Mistral with one gate per layer: to_peft checks the model
 
     def __init__(
         self, adapter_len: int = 10, adapter_layers: int | None = None, gate_per_head: bool = True
@@ -70,12 +156,12 @@ class LlamaAdapter(PeftMethod):
     def inject(self, model: PreTrainedModel) -> None:
         layers = self._top_layers(model)  # validates adapter_layers before the model is touched
         use_peft_attention(model, option=self.name)
-        text = model.config.get_text_config()
+        text = text_config(model)
         for m in layers:
             prompt = AdaptionPrompt(
                 text.hidden_size, self.adapter_len, text.num_attention_heads, self.gate_per_head
             )
-            setattr(m, ADAPTION, prompt.to(model.device))
+            attach(m, ADAPTION, prompt.to(model.device))
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]
@@ -87,6 +173,7 @@ class LlamaAdapter(PeftMethod):
         are all equal (e.g. at step 0). peft's GPT-2 variant adds the prompt term after ``c_proj``
         without projecting it, which is not the paper's formula: only Llama and Mistral export.
         """
+        refuse(self.peft_refusal())
         if model.config.model_type not in ("llama", "mistral"):
             raise LitPeftError(
                 f"LLaMA-Adapter exports to peft only for llama and mistral models, not {model.config.model_type}"
@@ -151,24 +238,6 @@ class BiasScaleLinear(nn.Module, PeftLayer):
         return plain_layer(base, (w * s[:, None]).to(dtype), bias.to(dtype))
 
 
-class TunedNorm(nn.Module, PeftLayer):
-    """A trainable copy of a normalization layer; the frozen original serves when disabled."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.tuned = copy.deepcopy(base_layer).requires_grad_(True)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return (self.base_layer if self.disabled else self.tuned)(*args, **kwargs)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(
-        ("RMSNorm", "LayerNorm")
-    )
-
-
 class LlamaAdapterV2(LlamaAdapter):
     """LLaMA-Adapter V2: v1's gated prompts plus bias/scale on the linear layers and trainable norms.
 
@@ -188,6 +257,11 @@ class LlamaAdapterV2(LlamaAdapter):
 
     name = "llama_adapter_v2"
     mergeable = True
+    exportable_to_peft = False
+    not_exportable_reason = (
+        "llama_adapter_v2 has no Hugging Face peft equivalent (peft PR #398 was closed); use merge, which "
+        "gives a plain HF model plus the prompts as a llama_adapter (v1) adapter"
+    )
 
     def __init__(
         self,
@@ -208,17 +282,7 @@ class LlamaAdapterV2(LlamaAdapter):
         for name in find_targets(model, self.target_modules, (nn.Linear, Conv1D)):
             replace_module(model, name, BiasScaleLinear(model.get_submodule(name)))
         if self.train_norms:
-            norms = [n for n, m in model.named_modules() if _is_norm(m)]
-            for name in norms:
-                replace_module(model, name, TunedNorm(model.get_submodule(name)))
-
-    def to_peft(
-        self, model: PreTrainedModel, state: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        raise LitPeftError(
-            "llama_adapter_v2 has no Hugging Face peft equivalent (peft PR #398 was closed); use merge, which "
-            "gives a plain HF model plus the prompts as a llama_adapter (v1) adapter"
-        )
+            train_norms(model, slot="tuned")
 
     def prompts(self, model: nn.Module) -> tuple[LlamaAdapter, dict[str, torch.Tensor]]:
         """The gated prompts as a v1 adapter: ``(method, tensors)``, for the model :meth:`merge` returns."""
@@ -235,11 +299,10 @@ class LlamaAdapterV2(LlamaAdapter):
         for name, module in list(model.named_modules()):
             if isinstance(module, BiasScaleLinear):
                 replace_module(model, name, module.merged())
-            elif isinstance(module, TunedNorm):
-                replace_module(model, name, module.tuned)
+            elif isinstance(module, TrainableNorm):
+                replace_module(model, name, module.trained)
         for m in attention_modules(model):
-            if hasattr(m, ADAPTION):
-                delattr(m, ADAPTION)
+            detach(m, ADAPTION)
         restore_attention(model)
         _fit_config_to_biases(model)
         model.requires_grad_(False)
@@ -252,7 +315,6 @@ def _fit_config_to_biases(model: PreTrainedModel) -> None:
     Turns on the config's bias switches (``attention_bias``, ``mlp_bias``: Llama-style models) as
     needed and gives every layer such a switch adds a zero bias if it has none.
     """
-    from transformers import AutoModelForCausalLM
 
     def expected() -> set[str]:
         with torch.device("meta"):

@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.methods.base import Dropout, PeftLayer, PeftMethod, find_targets, replace_module
 from litpeft.quantize import plain_layer
+from litpeft.speedups import SPEEDUPS
 
 
 class LoRALinear(nn.Module, PeftLayer):
@@ -93,6 +94,11 @@ class LoRALinear(nn.Module, PeftLayer):
         if self.disabled or self.merged:
             return self.base_layer(x)
         a = self.lora_A.weight
+        if not SPEEDUPS.lora_forward and self.lora_magnitude_vector is None:
+            # The form before the speed change (``SPEEDUPS.lora_forward`` off, for the benchmark's ablation).
+            result = self.base_layer(x)
+            lora = self.lora_B(self.lora_A(self.lora_dropout(x).to(a.dtype))) * self.scaling
+            return result + lora.to(result.dtype)
         if type(self.base_layer) in (nn.Linear, Conv1D) and torch.is_autocast_enabled(x.device.type):
             # One cast of the input, shared by the base layer and the LoRA branch (autocast would cast
             # it for each of them, and an fp32 LoRA weight would first pull a bf16 input back to fp32).
@@ -139,6 +145,7 @@ class LoRA(PeftMethod):
 
     name = "lora"
     mergeable = True
+    exportable_to_peft = True
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ checkpointing and ``generate`` work unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,10 +28,90 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from litpeft.errors import LitPeftError
-from litpeft.methods.attention import PrefixKV, attention_modules, kv_heads, use_peft_attention
-from litpeft.methods.base import PeftMethod
+from litpeft.methods.attention import AttentionState, register_attention_slot, use_peft_attention
+from litpeft.methods.base import Dropout, PeftMethod
+from litpeft.methods.layout import (
+    attach,
+    attached,
+    attention_modules,
+    detach,
+    kv_heads,
+    max_positions,
+    text_config,
+)
 
-ENCODER = "litpeft_prefix_encoder"  # attribute of the model that holds the reparameterization MLP
+PREFIX = "litpeft_prefix"  # attention slot that holds a layer's PrefixKV
+ENCODER = "litpeft_prefix_encoder"  # slot of the model that holds the reparameterization MLP
+
+
+class PrefixKV(AttentionState):
+    """Prefix keys and values of one layer, each ``(num_kv_heads, N, head_dim)`` (paper eq. 2).
+
+    The tensors come from ``source(layer_idx)`` (a shared reparameterization, prefix tuning) or are this
+    module's own parameters ``key``/``value`` (P-tuning v2, or prefix tuning after the MLP is dropped).
+    They are prepended to the layer's keys/values and the mask is extended so that every query (padding
+    or not) sees the whole prefix. They have ``num_key_value_heads`` heads, so grouped-query attention
+    needs nothing special: the wrapped implementation repeats them as it repeats the layer's own keys.
+    """
+
+    def __init__(
+        self,
+        layer_idx: int,
+        num_kv_heads: int,
+        num_tokens: int,
+        head_dim: int,
+        source: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.layer_idx, self.num_tokens = layer_idx, num_tokens
+        self.source = source
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_parameter("key", None)
+        self.register_parameter("value", None)
+        if source is None:
+            self.key = nn.Parameter(torch.randn(num_kv_heads, num_tokens, head_dim))
+            self.value = nn.Parameter(torch.randn(num_kv_heads, num_tokens, head_dim))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.source(self.layer_idx) if self.source is not None else (self.key, self.value)
+        return self.dropout(k), self.dropout(v)
+
+    def keys_values(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        pk, pv = self()
+        b = key.shape[0]
+        pk = pk.to(key.dtype)[None].expand(b, -1, -1, -1)
+        pv = pv.to(value.dtype)[None].expand(b, -1, -1, -1)
+        mask = _extend_mask(mask, pk.shape[2], query.shape[2], key.shape[2], query)
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
+
+
+register_attention_slot(PREFIX, PrefixKV)
+
+
+def _extend_mask(
+    mask: torch.Tensor | None, num_prefix: int, q_len: int, kv_len: int, like: torch.Tensor
+) -> torch.Tensor | None:
+    """Prepend ``num_prefix`` always-visible key columns to an sdpa (bool) or eager (additive) mask."""
+    if mask is None:
+        if q_len == 1:
+            return None  # one query sees every key, prefix included
+        # None meant "plain causal" (sdpa's is_causal, aligned to the last key): materialize it.
+        i = torch.arange(q_len, device=like.device)[:, None]
+        j = torch.arange(kv_len, device=like.device)[None, :]
+        mask = (j <= i + (kv_len - q_len))[None, None]
+    if mask.dtype == torch.bool:
+        pad = torch.ones(*mask.shape[:-1], num_prefix, dtype=torch.bool, device=mask.device)
+    else:
+        pad = torch.zeros(*mask.shape[:-1], num_prefix, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
 
 
 class PrefixEncoder(nn.Module):
@@ -83,6 +164,7 @@ class PrefixTuning(PeftMethod):
     """
 
     name = "prefix_tuning"
+    exportable_to_peft = True
 
     def __init__(
         self,
@@ -119,25 +201,21 @@ class PrefixTuning(PeftMethod):
                 self.encoder_hidden_size or kv_dim,
                 self.embedding_dim or kv_dim,
             ).to(model.device)
-            setattr(model, ENCODER, encoder)
-            source = encoder.layer
+            source = attach(model, ENCODER, encoder).layer
         layers = []
         for m in modules:
             prefix = PrefixKV(
                 m.layer_idx, n_kv, self.num_virtual_tokens, head_dim, source, self.prefix_dropout
             )
-            m.litpeft_prefix = prefix.to(model.device)
-            layers.append(prefix)
-        text = model.config.get_text_config()
-        max_positions = getattr(text, "max_position_embeddings", None) or 1 << 62
+            layers.append(attach(m, PREFIX, prefix.to(model.device)))
         model.base_model.register_forward_pre_hook(
-            _PositionShift(layers[0], self.num_virtual_tokens, max_positions), with_kwargs=True
+            _PositionShift(layers[0], self.num_virtual_tokens, max_positions(model)), with_kwargs=True
         )
 
     # -- adapter: the projected prefix only -----------------------------------------------------------
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Per-layer ``...litpeft_prefix.key/value`` ``(num_kv_heads, N, head_dim)``; the MLP is not saved."""
-        if not hasattr(model, ENCODER):
+        if attached(model, ENCODER) is None:
             return super().adapter_state_dict(model)
         with torch.no_grad():
             state = {}
@@ -162,10 +240,10 @@ class PrefixTuning(PeftMethod):
         names = {m: n for n, m in model.named_modules()}
         rows = []
         for m in modules:
-            key, value = state[f"{names[m]}.litpeft_prefix.key"], state[f"{names[m]}.litpeft_prefix.value"]
+            key, value = state[f"{names[m]}.{PREFIX}.key"], state[f"{names[m]}.{PREFIX}.value"]
             rows += [key.permute(1, 0, 2).flatten(1), value.permute(1, 0, 2).flatten(1)]  # (N, kv_dim) each
         n_kv = kv_heads(model)
-        text = model.config.get_text_config()
+        text = text_config(model)
         config = {
             "peft_type": "PREFIX_TUNING",
             "task_type": "CAUSAL_LM",
@@ -212,8 +290,7 @@ class PTuningV2(PrefixTuning):
 
 def drop_reparameterization(model: nn.Module) -> None:
     """Replace the MLP by the prefix it produces (own ``key``/``value`` per layer), as for a saved adapter."""
-    encoder = getattr(model, ENCODER, None)
-    if encoder is None:
+    if attached(model, ENCODER) is None:
         return
     with torch.no_grad():
         for m in model.modules():
@@ -221,7 +298,7 @@ def drop_reparameterization(model: nn.Module) -> None:
                 k, v = m.source(m.layer_idx)
                 m.key, m.value = nn.Parameter(k.detach().clone()), nn.Parameter(v.detach().clone())
                 m.source = None
-    delattr(model, ENCODER)
+    detach(model, ENCODER)
 
 
 class _PositionShift:

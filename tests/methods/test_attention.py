@@ -9,13 +9,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from litpeft.errors import LitPeftError
 from litpeft.methods import PrefixTuning, attention
-from litpeft.methods.attention import (
-    AdaptionPrompt,
-    attention_modules,
-    cpu_sdpa_attention,
-    restore_attention,
-    use_peft_attention,
-)
+from litpeft.methods.attention import cpu_sdpa_attention, restore_attention, use_peft_attention
+from litpeft.methods.layout import attach, attention_modules
+from litpeft.methods.llama_adapter import ADAPTION, AdaptionPrompt, prompt_key_value
 from litpeft.models import load_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2", "gpt2", "mistral", "phi3"]
@@ -30,8 +26,8 @@ def both_methods(arch: str, implementation: str) -> torch.nn.Module:
     PrefixTuning(num_virtual_tokens=3, encoder_hidden_size=16).apply(model)
     config = model.config
     for m in attention_modules(model):
-        m.litpeft_adaption = AdaptionPrompt(config.hidden_size, 4, config.num_attention_heads)
-        torch.nn.init.uniform_(m.litpeft_adaption.gate, -2.0, 2.0)
+        prompt = attach(m, ADAPTION, AdaptionPrompt(config.hidden_size, 4, config.num_attention_heads))
+        torch.nn.init.uniform_(prompt.gate, -2.0, 2.0)
     return model.eval()
 
 
@@ -105,8 +101,6 @@ def test_architecture_without_the_interface_is_named():
 
 def test_qwen3_prompt_keys_use_its_key_norm():
     """Qwen3 normalizes keys per head (k_norm) inside its key map: the prompt keys get the same map."""
-    from litpeft.methods.attention import prompt_key_value
-
     config = AutoConfig.for_model(
         "qwen3",
         vocab_size=64,

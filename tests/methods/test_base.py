@@ -1,4 +1,5 @@
-"""The shared pieces of litpeft/methods/base.py: the CPU dropout used by LoRA and the prefix methods."""
+"""The shared pieces of litpeft/methods/base.py: the CPU dropout used by LoRA and the prefix methods, the
+speed switches, the declared capabilities and the method registry."""
 
 from __future__ import annotations
 
@@ -7,7 +8,21 @@ import math
 import pytest
 import torch
 
+from litpeft.errors import LitPeftError
+from litpeft.export import check_exportable, check_mergeable
+from litpeft.methods import (
+    HoulsbyAdapter,
+    LlamaAdapter,
+    LlamaAdapterV2,
+    LoRA,
+    LoRALinear,
+    PeftMethod,
+    PTuning,
+    PTuningV2,
+    method_from_config,
+)
 from litpeft.methods.base import Dropout
+from litpeft.speedups import SPEEDUPS
 
 N = 1_000_000
 
@@ -57,3 +72,78 @@ def test_seeded_fresh_per_call_and_identity_in_eval() -> None:
     assert not torch.equal(first, second)
     assert torch.equal(dropout.eval()(x), x)
     assert torch.equal(Dropout(0.0)(x), x)
+
+
+# -- speed switches (litpeft.speedups): each changes the path taken, not the result -------------------------
+def test_fast_dropout_switch_takes_the_plain_path(monkeypatch) -> None:
+    x = torch.ones(4096)
+    monkeypatch.setattr(SPEEDUPS, "fast_dropout", False)
+    torch.manual_seed(3)
+    plain = Dropout(0.25)(x)
+    torch.manual_seed(3)
+    assert torch.equal(plain, torch.nn.Dropout(0.25)(x))  # exactly nn.Dropout's draws
+    monkeypatch.setattr(SPEEDUPS, "fast_dropout", True)
+    torch.manual_seed(3)
+    fast = Dropout(0.25)(x)
+    assert not torch.equal(fast, plain)  # the other path (other random draws) ...
+    for out in (fast, plain):  # ... with the same distribution: dropped or scaled by 1/(1-p)
+        kept = out[out != 0]
+        torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.75))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_forward_switch_gives_the_same_output(monkeypatch, autocast: bool) -> None:
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(32, 24), r=4, alpha=8.0)  # scaling 2
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 32)
+    seen: dict[str, torch.Tensor] = {}
+    layer.lora_A.register_forward_hook(lambda m, args, out: seen.update(a=out))
+    layer.lora_B.register_forward_pre_hook(lambda m, args: seen.update(b=args[0]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fast = layer(x)
+        assert torch.equal(seen["b"], seen["a"] * 2)  # optimized: scaling on the rank-r activations
+        monkeypatch.setattr(SPEEDUPS, "lora_forward", False)
+        old = layer(x)
+        assert torch.equal(seen["b"], seen["a"])  # the pre-optimization form: scaling on the output
+    tol = 2e-2 if autocast else 1e-5
+    torch.testing.assert_close(fast.float(), old.float(), rtol=tol, atol=tol)
+
+
+# -- declared capabilities and the method registry ----------------------------------------------------------
+def test_capabilities_are_declared_and_checked_before_loading() -> None:
+    assert LoRA.mergeable and LoRA.exportable_to_peft
+    assert not HoulsbyAdapter.mergeable and not HoulsbyAdapter.exportable_to_peft
+    assert (
+        LlamaAdapter.exportable_to_peft and not LlamaAdapterV2.exportable_to_peft and LlamaAdapterV2.mergeable
+    )
+    assert PTuning().peft_refusal() is None
+    split = PTuning(num_virtual_tokens=4, placement="split", num_before=1, split_marker="x")
+    with pytest.raises(LitPeftError, match="placement='split' has no peft equivalent"):
+        check_exportable(split)
+    with pytest.raises(LitPeftError, match="peft issue #244"):
+        check_exportable(HoulsbyAdapter())
+    with pytest.raises(LitPeftError, match="llama_adapter_v2 has no Hugging Face peft equivalent"):
+        check_exportable(LlamaAdapterV2())
+    with pytest.raises(LitPeftError, match="nonlinearity"):
+        check_mergeable(HoulsbyAdapter())
+    check_mergeable(LoRA())
+    check_exportable(LoRA())
+
+
+def test_a_method_that_overrides_to_peft_is_exportable_without_declaring_it() -> None:
+    class Mine(PeftMethod):
+        def to_peft(self, model, state):  # noqa: ANN001, ANN202
+            return {}, {}
+
+    assert Mine.exportable_to_peft and Mine().peft_refusal() is None
+    assert not PeftMethod.exportable_to_peft
+
+
+def test_method_from_config_resolves_short_names_and_import_paths() -> None:
+    assert isinstance(method_from_config({"class_path": "lora", "init_args": {"r": 2}}), LoRA)
+    assert type(method_from_config({"class_path": "litpeft.methods.prefix.PTuningV2"})) is PTuningV2
+    with pytest.raises(LitPeftError, match="unknown method 'nope'"):
+        method_from_config({"class_path": "nope"})
+    with pytest.raises(LitPeftError, match="'litpeft.errors.LitPeftError' is not a litpeft PeftMethod"):
+        method_from_config({"class_path": "litpeft.errors.LitPeftError"})

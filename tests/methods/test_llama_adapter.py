@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from litpeft.errors import LitPeftError
 from litpeft.methods import METHODS, LlamaAdapter, LlamaAdapterV2, adapters_disabled
 from litpeft.methods import attention as attention_module
+from litpeft.methods import llama_adapter as llama_adapter_module
 from litpeft.methods.llama_adapter import BiasScaleLinear
 from litpeft.models import load_model, tiny_tokenizer
 
@@ -241,8 +242,8 @@ def test_generate_with_cache_equals_without_and_prompt_kv_computed_once(arch, ma
     model = helpers.build(arch, make())
     train(model, batch(), steps=3)  # non-zero gates
     enc = helpers.padded(TEXTS[:2], "left")
-    real = attention_module.prompt_key_value
-    with mock.patch.object(attention_module, "prompt_key_value", side_effect=real) as calls:
+    real = llama_adapter_module.prompt_key_value
+    with mock.patch.object(llama_adapter_module, "prompt_key_value", side_effect=real) as calls:
         helpers.greedy_with_cache_equals_without(model, enc, tiny_tokenizer().pad_token_id, 8)
     # once per adapted layer for both generations (16 forward passes), not once per token
     assert calls.call_count == len([m for m in model.modules() if hasattr(m, "litpeft_adaption")])

@@ -208,3 +208,25 @@ def test_smollm2_text_init_generation_and_peft_parity(tmp_path):
         )
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, ref(**enc).logits[:, 8:])
+
+
+def test_the_hook_handoff_leaves_no_record_behind(tok):
+    """The pre-hook's record for the forward hook belongs to one call: gone after it, even when it fails."""
+    from litpeft.methods.layout import attached
+
+    model = wrapped("llama", tok)
+    prompt = attached(model, "prompt_encoder")
+    enc = helpers.batch_of(tok, TEXTS)
+    with torch.no_grad():
+        length = model(**enc).logits.shape[1]
+        assert length == enc["input_ids"].shape[1] and prompt._calls == {}
+
+        def fail(*args: object) -> None:
+            raise RuntimeError("layer failed")
+
+        handle = model.model.layers[0].register_forward_hook(fail)  # the backbone's forward raises
+        with pytest.raises(RuntimeError, match="layer failed"):
+            model(**enc)
+        handle.remove()
+        assert prompt._calls == {}
+        assert model(**enc).logits.shape[1] == length  # and the next call is right

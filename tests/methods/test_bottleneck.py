@@ -177,3 +177,30 @@ def test_smollm2_zero_up_is_the_base_and_generation_agrees():
     with torch.no_grad():
         assert torch.equal(model(**enc).logits, base(**enc).logits)
     helpers.greedy_with_cache_equals_without(model, enc, tok.pad_token_id, 4)
+
+
+def test_old_class_path_still_loads_with_a_warning(tmp_path, monkeypatch, tok):
+    """``litpeft.methods.adapter`` (the module's name before it became ``bottleneck``) is an alias for a
+    release: adapter directories and configs that name ``litpeft.methods.adapter.HoulsbyAdapter`` load."""
+    import sys
+
+    from litpeft.adapter_dir import load_adapter, save_adapter
+    from litpeft.methods import method_from_config
+
+    monkeypatch.delitem(sys.modules, "litpeft.methods.adapter", raising=False)
+    with pytest.warns(FutureWarning, match="litpeft.methods.adapter moved to litpeft.methods.bottleneck"):
+        method = method_from_config({"class_path": "litpeft.methods.adapter.HoulsbyAdapter"})
+    assert type(method) is HoulsbyAdapter
+
+    module = PeftLM(model="tiny:llama", method=HoulsbyAdapter(bottleneck_size=4))
+    module.configure_model()
+    save_adapter(tmp_path, module)
+    config = tmp_path / "adapter.yaml"
+    text = config.read_text()
+    assert "litpeft.methods.bottleneck.HoulsbyAdapter" in text
+    config.write_text(text.replace("methods.bottleneck.", "methods.adapter."))
+    model, _, loaded, _ = load_adapter(tmp_path)
+    assert type(loaded) is HoulsbyAdapter
+    enc = helpers.batch_of(tok, TEXTS)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, module.model.eval()(**enc).logits)
