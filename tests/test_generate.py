@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from adapter_helpers import make_adapter, read_jsonl, run_litpeft, write_jsonl
-from transformers import GenerationMixin
 
 from litpeft.commands import generate
 from litpeft.errors import LitPeftError
@@ -15,23 +14,8 @@ from litpeft.methods import LoRA
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    return make_adapter(tmp_path_factory.mktemp("gen") / "adapter", "tiny:llama", LoRA(r=4))
-
-
-@pytest.fixture
-def generate_calls(monkeypatch):
-    """Every ``model.generate`` call, as (the prompt batch's input_ids, the generated ids)."""
-    calls = []
-    original = GenerationMixin.generate
-
-    def spy(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        calls.append((kwargs["input_ids"], out))
-        return out
-
-    monkeypatch.setattr(GenerationMixin, "generate", spy)
-    return calls
+def adapter(tiny_lora_adapter):
+    return tiny_lora_adapter
 
 
 def twenty_rows() -> list[dict]:

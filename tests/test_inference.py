@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_helpers import make_adapter
-from transformers import GenerationMixin
 
 from litpeft.errors import LitPeftError
 from litpeft.inference import (
@@ -18,28 +16,12 @@ from litpeft.inference import (
     sampling_options,
     split_for_generation,
 )
-from litpeft.methods import LoRA
 from litpeft.models import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    return make_adapter(tmp_path_factory.mktemp("inference") / "adapter", "tiny:llama", LoRA(r=4))
-
-
-@pytest.fixture
-def generate_calls(monkeypatch):
-    """Every ``model.generate`` call, as (the prompt batch's input_ids, the generated ids)."""
-    calls = []
-    original = GenerationMixin.generate
-
-    def spy(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
-        calls.append((kwargs["input_ids"], out))
-        return out
-
-    monkeypatch.setattr(GenerationMixin, "generate", spy)
-    return calls
+def adapter(tiny_lora_adapter):
+    return tiny_lora_adapter
 
 
 def _lines(*texts: str):
