@@ -232,9 +232,7 @@ def quantize_model(model: nn.Module, mode: QuantMode, skip: tuple[nn.Module, ...
     if not targets:
         raise LitPeftError(f"model.quantize={mode}: {type(model).__name__} has no linear layer to quantize")
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear.from_float(getattr(parent, child), mode))
+        model.set_submodule(name, QuantizedLinear.from_float(model.get_submodule(name), mode))
     return model
 
 

@@ -252,5 +252,4 @@ def find_targets(
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule ``name`` (how a method wraps a layer: LoRA, bias/scale, norms)."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.set_submodule(name, new)
