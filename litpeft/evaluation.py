@@ -123,8 +123,15 @@ class ExactMatchEvaluation(L.Callback):
         messages, refs = split_for_generation(samples)
         style: PromptStyle = dm.style
         prompts = [style.generation_prompt(m, module.tokenizer) for m in messages]
+        # batches in the validation order, as the callback's figures (the demo's) have always been taken
         preds = generate(
-            module.model, module.tokenizer, prompts, self.max_new_tokens, self.batch_size, progress=True
+            module.model,
+            module.tokenizer,
+            prompts,
+            self.max_new_tokens,
+            self.batch_size,
+            progress=True,
+            longest_first=False,
         )
         return exact_match(preds, cast("list[str]", refs))
 

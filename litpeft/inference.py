@@ -163,16 +163,21 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     progress: bool = False,
+    longest_first: bool = True,
 ) -> list[str]:
     """Complete already-formatted ``prompts``; return the new text of each, in the input order.
 
-    Prompts are generated longest first in left-padded batches of ``batch_size`` (similar lengths share
-    a batch: less padding). ``temperature`` 0 decodes greedily (see :func:`sampling_options`). The
+    Prompts are generated in left-padded batches of ``batch_size``, longest first (similar lengths share
+    a batch: less padding) unless ``longest_first=False`` (batches in the input order). A prompt's greedy
+    answer can differ in the last bits with the padding its batch needs, so a fixed figure (the demo's)
+    keeps one batching. ``temperature`` 0 decodes greedily (see :func:`sampling_options`). The
     tokenizer's padding side and the model's train/eval mode are restored afterwards.
     """
     options = sampling_options(temperature, top_p)
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    order = list(range(len(prompts)))
+    if longest_first:
+        lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        order.sort(key=lambda i: -lengths[i])
     side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
     model.eval()

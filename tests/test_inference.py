@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from litpeft.data.prompts import get_style
 from litpeft.errors import LitPeftError
+from litpeft.evaluation import ExactMatchEvaluation
 from litpeft.inference import (
     chat,
     generate,
@@ -16,7 +20,9 @@ from litpeft.inference import (
     sampling_options,
     split_for_generation,
 )
+from litpeft.methods import LoRA
 from litpeft.models import load_model, load_tokenizer
+from litpeft.module import PeftLM
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +143,27 @@ def test_generation_batches_prompts_longest_first_and_answers_in_input_order(gen
     assert batches == [["eeeee", "dddd"], ["ccc", "bb"], ["a"]]  # similar lengths share a batch
     assert texts == [generate(model, tok, [p], max_new_tokens=3, batch_size=1)[0] for p in prompts]
     assert model.training  # restored
+    generate_calls.clear()
+    generate(model, tok, prompts, max_new_tokens=3, batch_size=2, longest_first=False)
+    batches = [[tok.decode(row, skip_special_tokens=True) for row in ids] for ids, _ in generate_calls]
+    assert batches == [["bb", "dddd"], ["a", "ccc"], ["eeeee"]]  # the input order, as the callback uses
+
+
+def test_the_exact_match_callback_batches_in_the_validation_order(generate_calls) -> None:
+    """Its figures (the demo's) were measured with batches in the validation order: keep that batching."""
+    callback = ExactMatchEvaluation(batch_size=2)
+    module = PeftLM("tiny:llama", method=LoRA(r=2))
+    module.configure_model()
+    samples = [
+        [{"role": "user", "content": t}, {"role": "assistant", "content": "x"}] for t in ("bb", "dddd", "a")
+    ]
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_samples=samples, style=get_style("plain")))
+    callback._evaluate(trainer, module)
+    batches = [
+        [module.tokenizer.decode(row, skip_special_tokens=True) for row in ids] for ids, _ in generate_calls
+    ]
+    assert [len(b) for b in batches] == [2, 1]
+    assert "bb" in batches[0][0] and "dddd" in batches[0][1] and "a" in batches[1][0]
 
 
 # -- the chat REPL ----------------------------------------------------------------------------------
