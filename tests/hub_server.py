@@ -25,16 +25,18 @@ from urllib.parse import unquote, urlsplit
 
 @dataclass
 class Repo:
-    """One repository: commits (sha -> files), refs (branch/tag -> sha), and an optional access token."""
+    """One repository: commits (sha -> files), refs (branch/tag -> sha), and an optional access token
+    (``gated``: a gated repo, else a private one, answered as the hub does: 401 RepoNotFound)."""
 
     commits: dict[str, dict[str, bytes]]
     refs: dict[str, str]
     token: str | None = None
+    gated: bool = True
 
     @classmethod
-    def from_files(cls, files: dict[str, bytes], token: str | None = None) -> Repo:
+    def from_files(cls, files: dict[str, bytes], token: str | None = None, gated: bool = True) -> Repo:
         sha = commit_sha(files)
-        return cls({sha: files}, {"main": sha}, token)
+        return cls({sha: files}, {"main": sha}, token, gated)
 
     def add_commit(self, files: dict[str, bytes], ref: str = "main") -> str:
         sha = commit_sha(files)
@@ -129,7 +131,8 @@ class HubServer:
         if repo is None:
             return self.error(h, 404, "RepoNotFound", f"Repository {repo_id} not found")
         if repo.token and h.headers.get("Authorization") != f"Bearer {repo.token}":
-            return self.error(h, 401, "GatedRepo", f"Access to {repo_id} is restricted")
+            code = "GatedRepo" if repo.gated else "RepoNotFound"
+            return self.error(h, 401, code, f"Access to {repo_id} is restricted")
         sha = repo.resolve(revision)
         if sha is None:
             return self.error(h, 404, "RevisionNotFound", f"Invalid rev id: {revision}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +17,14 @@ from litpeft import hub
 from litpeft.cli import main
 from litpeft.data.sources import Alpaca, AutoSource
 from litpeft.errors import LitPeftError
-from litpeft.models import load_model, load_tokenizer, pinned_spec, tiny_tokenizer
-from tests.conftest import run_cli, word_rows
+from litpeft.inference import read_conversations
+from litpeft.methods import LoRA
+from litpeft.models import load_model, load_tokenizer, pinned_spec, resolve_spec, tiny_tokenizer
+from tests.conftest import make_adapter, run_cli, word_rows
 
 TOKEN = "hf_test_token"
+# The server fixture gives each test a private litpeft cache; the SmolLM2 test reuses the converted model.
+USER_CACHE = os.environ.get("LITPEFT_CACHE")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +95,7 @@ def server(
         models={
             "org/tiny": Repo.from_files(tiny_files),
             "org/gated": Repo.from_files(tiny_files, token=TOKEN),
+            "org/private": Repo.from_files(tiny_files, token=TOKEN, gated=False),
             "org/evil": Repo.from_files(evil),
         },
         datasets={
@@ -177,10 +183,12 @@ def test_unknown_repo_gated_repo_and_unknown_revision_fail_in_one_line(
         load_tokenizer("org/nope")
     with pytest.raises(LitPeftError, match="model 'org/gated' is gated: .*set HF_TOKEN"):
         load_tokenizer("org/gated")
+    with pytest.raises(LitPeftError, match=r"model 'org/private': access denied .*HTTP 401.*set HF_TOKEN"):
+        load_tokenizer("org/private")
     with pytest.raises(LitPeftError, match="revision 'v9' of model 'org/tiny@v9' not found"):
         load_tokenizer("org/tiny@v9")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert load_tokenizer("org/gated")("ab").input_ids
+    assert load_tokenizer("org/gated")("ab").input_ids and load_tokenizer("org/private")("ab").input_ids
 
 
 def test_revision_pin_loads_that_commit(
@@ -246,6 +254,8 @@ def test_hub_datasets_read_like_local_files(server: HubServer) -> None:
     assert train.samples[0][-1] == {"role": "assistant", "content": "elppa"}
     one_file = AutoSource().load("hub://org/words/data/test.jsonl")
     assert one_file.samples == test.samples and one_file.locations[0].endswith("data/test.jsonl:1")
+    conversations = read_conversations("hub://org/words/data/test.jsonl", need_reference=True)
+    assert [m for _, m in conversations] == test.samples
     mapped = Alpaca(column_map={"instruction": "q", "output": "a"}).load("hub://org/dolly@main")
     assert mapped.samples[0][0]["content"] == "apple"
     with pytest.raises(LitPeftError, match="split 'validation'.*val_split"):
@@ -291,3 +301,44 @@ def test_fit_a_hub_model_on_a_hub_dataset_then_generate_offline(server: HubServe
         "generate", "--adapter", "adapter", "--prompt", "apple", "--max_new_tokens", "2", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_repo_without_safetensors_falls_back_to_pickled_weights(
+    server: HubServer, tiny_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    reference = load_model("tiny:llama")
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin")
+    files = {k: v for k, v in tiny_files.items() if not k.endswith(".safetensors")}
+    server.models["org/old"] = Repo.from_files(
+        {**files, "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes()}
+    )
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(load_model("org/old")(x).logits, reference(x).logits)
+    assert not (_snapshot("org/old") / "flax_model.msgpack").exists()
+
+
+def test_an_adapter_records_the_commit_and_exports_it(server: HubServer, tmp_path: Path) -> None:
+    adapter = make_adapter(tmp_path / "adapter", "org/tiny", LoRA(r=2))
+    commit = _snapshot("org/tiny").name
+    assert yaml.safe_load((adapter / "adapter.yaml").read_text())["base_model"] == f"org/tiny@{commit}"
+    main(["export", "--adapter", str(adapter), "--output", str(tmp_path / "peft")])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/tiny", commit)
+
+
+@pytest.mark.integration
+def test_smollm2_served_by_the_stand_in_loads_by_hub_id(
+    server: HubServer, monkeypatch: pytest.MonkeyPatch, smollm2: str
+) -> None:
+    """The real SmolLM2-135M-Instruct files (converted from the bundled GGUF) fetched by hub id."""
+    if USER_CACHE:  # the converted model lives in the user's litpeft cache, not the test's
+        monkeypatch.setenv("LITPEFT_CACHE", USER_CACHE)
+    else:
+        monkeypatch.delenv("LITPEFT_CACHE")
+    local = Path(resolve_spec(smollm2))
+    server.models["HuggingFaceTB/SmolLM2-135M-Instruct"] = Repo.from_files(dir_files(local))
+    tok = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    model = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", tokenizer=tok)
+    x = tok("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(model(x).logits, load_model(smollm2)(x).logits)
+    assert tok.chat_template == load_tokenizer(smollm2).chat_template
