@@ -340,18 +340,17 @@ def download(
     include = [include] if isinstance(include, str) else include
     if hub.is_hub_dataset(repo_id):
         ref = hub.parse_dataset_id(repo_id)
-        patterns = [ref.path, f"{ref.path}/*"] if ref.path else HUB_DATASET_FILES
     else:
         parsed = hub.parse_model_id(repo_id)
         if parsed is None:
             raise LitPeftError(f"'{repo_id}' is not a hub id; write org/name (a model) or hub://org/name")
-        ref, patterns = parsed, None
+        ref = parsed
     if revision is not None:
         if ref.revision is not None and ref.revision != revision:
             raise LitPeftError(f"'{repo_id}' names revision '{ref.revision}' but --revision is '{revision}'")
         ref = replace(ref, revision=revision)
     if ref.repo_type == "dataset":
-        path = hub.download(ref, list(include or patterns))
+        path = hub.download(ref, include or hub.dataset_patterns(ref, HUB_DATASET_FILES))
     else:
         path = hub.download_model(ref, trust_remote_code, include)
     print(f"{ref.what} (commit {path.name}) is in {path}")

@@ -56,8 +56,7 @@ PICKLED_WEIGHTS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 #: The repo's own code, fetched only with ``trust_remote_code``.
 REMOTE_CODE = ["*.py"]
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-_REVISION = re.compile(r"[\w.][\w./-]*")
+_MODEL_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?)(@(?P<revision>[\w.][\w./-]*))?")
 
 
 @dataclass(frozen=True)
@@ -81,12 +80,8 @@ class HubRef:
 
 def parse_model_id(spec: str) -> HubRef | None:
     """``org/name[@revision]`` as a :class:`HubRef`; ``None`` when ``spec`` is not shaped like a repo id."""
-    repo_id, _, revision = spec.partition("@")
-    if not _REPO_ID.fullmatch(repo_id) or (revision and not _REVISION.fullmatch(revision)):
-        return None
-    if spec.partition("@")[1] and not revision:
-        return None
-    return HubRef(repo_id, revision or None)
+    match = _MODEL_ID.fullmatch(spec)
+    return HubRef(match["repo"], match["revision"]) if match else None
 
 
 def is_hub_dataset(path: object) -> bool:
@@ -97,12 +92,15 @@ def is_hub_dataset(path: object) -> bool:
 def parse_dataset_id(path: str) -> HubRef:
     """``hub://org/name[@revision][/path/in/repo]`` as a :class:`HubRef`."""
     parts = path[len(DATASET_PREFIX) :].strip("/").split("/")
-    if len(parts) < 2:
-        raise LitPeftError(f"'{path}' is not a hub dataset; write hub://org/name[@revision][/path/in/repo]")
-    ref = parse_model_id("/".join(parts[:2]))
+    ref = parse_model_id("/".join(parts[:2])) if len(parts) >= 2 else None
     if ref is None:
         raise LitPeftError(f"'{path}' is not a hub dataset; write hub://org/name[@revision][/path/in/repo]")
     return HubRef(ref.repo_id, ref.revision, "dataset", "/".join(parts[2:]) or None)
+
+
+def dataset_patterns(ref: HubRef, whole_repo: list[str]) -> list[str]:
+    """The files of a dataset ``ref`` to fetch: its path (a file or folder) or, for the repo, ``whole_repo``."""
+    return [ref.path, f"{ref.path}/*"] if ref.path else list(whole_repo)
 
 
 def offline() -> bool:
@@ -210,6 +208,7 @@ __all__ = [
     "HubRef",
     "cached_commit",
     "download",
+    "dataset_patterns",
     "download_model",
     "hub_error",
     "is_hub_dataset",

@@ -170,14 +170,14 @@ def hub_rows(
     ...}``) and splits as the hub does; ``split`` picks one.
     """
     ref = hub.parse_dataset_id(spec)
+    local = hub.download(ref, hub.dataset_patterns(ref, HUB_DATASET_FILES))
     if ref.path:
-        local = hub.download(ref, [ref.path, f"{ref.path}/*"]) / ref.path
+        local = local / ref.path
         if not local.exists():
             raise LitPeftError(f"{ref.what}: the repo has no file or folder '{ref.path}'")
         for file in data_files(local):
             yield from file_rows(file, reader, split, load_kwargs)
         return
-    local = hub.download(ref, HUB_DATASET_FILES)
     datasets = require_datasets()
     try:
         ds = datasets.load_dataset(
