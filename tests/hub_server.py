@@ -3,7 +3,9 @@
 - ``GET /api/{models,datasets}/{repo}/revision/{rev}``: repo info (the commit ``sha`` and the files)
 - ``GET /api/{models,datasets}/{repo}/tree/{rev}``: the file listing (``snapshot_download`` asks for it)
 - ``HEAD|GET /{repo}/resolve/{rev}/{file}`` (``/datasets/{repo}/...`` for datasets): a file, with the
-  ``ETag``/``X-Repo-Commit`` headers and ``Range`` requests (a resumed download)
+  ``ETag``/``X-Repo-Commit`` headers and ``Range`` requests (a resumed download); a ``*.safetensors`` file
+  is a redirect (``X-Linked-Etag``/``X-Linked-Size``) to ``http://localhost:{port}/cdn/{sha256}`` (another
+  host name of this server), as the hub sends LFS files to its CDN
 
 A gated repo answers 401 unless the request carries its token; an unknown repo 404. ``drop_once`` names files
 whose first GET stops half-way (the connection is closed), to test resuming.
@@ -72,6 +74,8 @@ class HubServer:
     #: every request: (method, path, Range header or None)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
     connections: list[socket.socket] = field(default_factory=list)
+    #: sha256 -> content of the files served through the CDN route
+    blobs: dict[str, bytes] = field(default_factory=dict)
 
     def start(self) -> HubServer:
         server = self
@@ -117,6 +121,9 @@ class HubServer:
     def handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlsplit(h.path).path)
         self.log.append((h.command, path, h.headers.get("Range")))
+        cdn = re.fullmatch(r"/cdn/(\w+)/(.+)", path)
+        if cdn:
+            return self.send_file(h, self.blobs[cdn.group(1)], cdn.group(2), None, head)
         api = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/(revision|tree)/([^/]+)(/.*)?", path)
         resolve = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if api:
@@ -148,6 +155,8 @@ class HubServer:
             return self.json(h, tree)
         if filename not in files:
             return self.error(h, 404, "EntryNotFound", f"{filename} not in {repo_id}")
+        if filename.endswith(".safetensors"):
+            return self.redirect_to_cdn(h, files[filename], filename, sha)
         self.send_file(h, files[filename], filename, sha, head)
 
     # -- answers -----------------------------------------------------------------------------------------
@@ -170,7 +179,22 @@ class HubServer:
         h.end_headers()
         h.wfile.write(body)
 
-    def send_file(self, h: BaseHTTPRequestHandler, data: bytes, name: str, sha: str, head: bool) -> None:
+    def redirect_to_cdn(self, h: BaseHTTPRequestHandler, data: bytes, name: str, sha: str) -> None:
+        digest = hashlib.sha256(data).hexdigest()
+        self.blobs[digest] = data
+        h.send_response(302)
+        # another host name for this same server: huggingface_hub follows a redirect to its CDN only on GET
+        h.send_header("Location", f"http://localhost:{self.httpd.server_address[1]}/cdn/{digest}/{name}")
+        h.send_header("X-Linked-Etag", f'"{digest}"')
+        h.send_header("X-Linked-Size", str(len(data)))
+        h.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+        h.send_header("X-Repo-Commit", sha)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+    def send_file(
+        self, h: BaseHTTPRequestHandler, data: bytes, name: str, sha: str | None, head: bool
+    ) -> None:
         start = 0
         ranged = re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range") or "")
         if ranged and not head:
@@ -178,7 +202,8 @@ class HubServer:
         body = data[start:]
         h.send_response(206 if start else 200)
         h.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-        h.send_header("X-Repo-Commit", sha)
+        if sha is not None:
+            h.send_header("X-Repo-Commit", sha)
         h.send_header("Accept-Ranges", "bytes")
         h.send_header("Content-Length", str(len(body)))
         if start:

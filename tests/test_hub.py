@@ -211,7 +211,7 @@ def test_an_interrupted_download_resumes(server: HubServer, monkeypatch: pytest.
     monkeypatch.setattr("huggingface_hub.file_download.time.sleep", lambda s: None)
     server.drop_once.add("model.safetensors")
     model = load_model("org/tiny")
-    gets = [r for r in server.requested(r"/resolve/.*/model\.safetensors$") if r[0] == "GET"]
+    gets = [r for r in server.requested(r"/cdn/.*/model\.safetensors$") if r[0] == "GET"]
     assert len(gets) == 2 and gets[0][2] is None and gets[1][2].startswith("bytes=")
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(x).logits, load_model("tiny:llama")(x).logits)
@@ -264,7 +264,9 @@ def test_hub_datasets_read_like_local_files(server: HubServer) -> None:
         AutoSource().load("hub://org/none")
 
 
-def test_fit_a_hub_model_on_a_hub_dataset_then_generate_offline(server: HubServer, tmp_path: Path) -> None:
+def test_fit_a_hub_model_on_a_hub_dataset_then_generate_offline(
+    server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = {
         "model": {"init_args": {"model": "org/tiny"}},
         "data": {
@@ -297,6 +299,7 @@ def test_fit_a_hub_model_on_a_hub_dataset_then_generate_offline(server: HubServe
     meta = yaml.safe_load((tmp_path / "adapter" / "adapter.yaml").read_text())
     assert meta["base_model"] == f"org/tiny@{_snapshot('org/tiny').name}"
     server.stop()  # the pinned base comes from the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_cli(
         "generate", "--adapter", "adapter", "--prompt", "apple", "--max_new_tokens", "2", cwd=tmp_path
     )
