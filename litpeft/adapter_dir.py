@@ -1,7 +1,8 @@
 """Adapter directories (the trained artifact, not a method): what ``fit`` leaves behind and every later command loads.
 
 adapter.safetensors   the method's trained tensors (never a pickle)
-adapter.yaml          base model spec (a hub id pinned to its commit) and fingerprint, method (class_path + init_args), prompt style
+adapter.yaml          base model spec (a hub id pinned to its commit: org/name@<sha>) and fingerprint,
+                      method (class_path + init_args), prompt style
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 ``.csv``, ``.tsv``, ``.arrow`` and a directory written by ``datasets.Dataset.save_to_disk`` are read
 through Hugging Face ``datasets`` (the optional extra ``litpeft[data]``); any other directory is read file
 by file, in sorted order. ``hub://org/name[@revision][/path]`` is a dataset repo on the Hugging Face hub,
-downloaded into the Hugging Face cache on first use (:func:`hub_rows`). Each row comes with its location (``file:line`` or ``file row i``); what a row
-*means* is up to the source (:mod:`litpeft.data.sources`). A malformed row is a :class:`BadRow`.
+downloaded into the Hugging Face cache on first use (:func:`hub_rows`). Each row comes with its location
+(``file:line`` or ``file row i``); what a row *means* is up to the source (:mod:`litpeft.data.sources`).
+A malformed row is a :class:`BadRow`.
 """
 
 from __future__ import annotations
