@@ -1,7 +1,8 @@
 """Adapter directories (the trained artifact, not a method): what ``fit`` leaves behind and every later command loads.
 
 adapter.safetensors   the method's trained tensors (never a pickle)
-adapter.yaml          base model spec and fingerprint, method (class_path + init_args), prompt style
+adapter.yaml          base model spec (a hub id pinned to its commit: org/name@<sha>) and fingerprint,
+                      method (class_path + init_args), prompt style
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from litpeft.data.prompts import PromptStyle, get_style, style_name
 from litpeft.errors import LitPeftError
 from litpeft.files import atomic_path
 from litpeft.methods import PeftMethod, method_from_config
-from litpeft.models import load_model, load_tokenizer
+from litpeft.models import load_model, load_tokenizer, pinned_spec
 from litpeft.quantize import quantize_model
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def write_adapter(
     with atomic_path(directory / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     meta = {
-        "base_model": base_spec,
+        "base_model": pinned_spec(base_spec),
         "base_fingerprint": fingerprint or base_fingerprint(model),
         "method": method.config(),
         "prompt_style": style_name(style) if style is not None else None,

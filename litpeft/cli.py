@@ -26,7 +26,7 @@ from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_sl
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
 TOOLS: dict[str, Callable[[list[str]], None]] = {}
-TOOLS.update(COMMANDS)  # generate, evaluate, merge, export
+TOOLS.update(COMMANDS)  # generate, evaluate, merge, export, download
 
 
 class LitPeftCLI(LightningCLI):
@@ -146,6 +146,7 @@ def overview() -> str:
         "  litpeft fit --config configs/lora.yaml --model.method.init_args.r 16",
         "  litpeft fit --config configs/lora.yaml --print_config     # the full config, runnable as is",
         "  litpeft generate --adapter runs/lora/adapter --prompt 'Name three colors.'",
+        "  litpeft download Qwen/Qwen2.5-0.5B-Instruct     # then --model.init_args.model Qwen/Qwen2.5-0.5B-Instruct",
     ]
     return "\n".join(lines)
 

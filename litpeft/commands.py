@@ -1,4 +1,4 @@
-"""The commands that use a trained adapter: ``generate``, ``evaluate``, ``merge`` and ``export``.
+"""The commands that use a trained adapter (``generate``, ``evaluate``, ``merge``, ``export``) and ``download``.
 
 litpeft generate --adapter runs/adapter --prompt "Name three colors."
 litpeft generate --adapter runs/adapter                      # interactive chat, streamed
@@ -6,6 +6,7 @@ litpeft generate --adapter runs/adapter --input prompts.jsonl --output answers.j
 litpeft evaluate --adapter runs/adapter --data val.jsonl     # loss, perplexity, exact match, ROUGE-L
 litpeft merge --adapter runs/adapter --output merged/        # plain transformers model directory
 litpeft export --adapter runs/adapter --format peft --output peft/
+litpeft download Qwen/Qwen2.5-0.5B-Instruct                 # prefetch a hub model (or hub://org/dataset)
 
 Each command is a typed function; jsonargparse turns it into ``--help``, ``--config file.yaml`` and
 ``--print_config``. A command checks its arguments, then delegates: loading and generation to
@@ -18,22 +19,24 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jsonargparse import CLI
 
-from litpeft import export, inference
+from litpeft import export, hub, inference
 from litpeft.adapter_dir import read_adapter_config, read_adapter_weights, write_adapter
 from litpeft.data.prompts import Message, style_name
+from litpeft.data.readers import HUB_DATASET_FILES
 from litpeft.deprecation import moved_names
 from litpeft.errors import LitPeftError
 from litpeft.evaluation import generation_metrics, token_metrics
 from litpeft.files import atomic_path
 from litpeft.inference import Dtype, load_for_inference, parse_dtype, read_conversations, sampling_options
 from litpeft.methods import method_from_config
-from litpeft.models import checkpoint_dtype, resolve_spec
+from litpeft.models import checkpoint_dtype, hub_ref, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -304,17 +307,60 @@ def export_adapter(
     export.check_output_dir(output, overwrite)
     loaded = load_for_inference(adapter, model, None, "cpu", None, trust_remote_code, allow_other_base)
     state = read_adapter_weights(adapter)
-    base = resolve_spec(loaded.base)
-    base = str(Path(base).resolve()) if Path(base).is_dir() else base  # a hub id or tiny:<arch> stays
-    config, tensors = export.to_peft(loaded.model, loaded.method, state, base)
+    ref = hub_ref(loaded.base)
+    if ref is not None:  # peft downloads the base itself: the repo id and the pinned revision
+        base, revision = ref.repo_id, ref.revision
+    else:
+        base, revision = resolve_spec(loaded.base), None
+        base = str(Path(base).resolve()) if Path(base).is_dir() else base  # tiny:<arch> stays
+    config, tensors = export.to_peft(loaded.model, loaded.method, state, base, revision)
     export.save_peft(config, tensors, output, overwrite)
     print(f"{config['peft_type']} adapter in peft format written to {output}")
 
 
+# -- download ---------------------------------------------------------------------------------------
+def download(
+    repo_id: str,
+    revision: str | None = None,
+    include: list[str] | str | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Download a hub model (``org/name``) or dataset (``hub://org/name``) into the Hugging Face cache.
+
+    A model brings the files a causal LM needs (config, tokenizer, safetensors weights, generation
+    config); a dataset its data files. Later runs then work offline (``HF_HUB_OFFLINE=1``).
+
+    Args:
+        repo_id: ``org/name[@revision]`` (a model) or ``hub://org/name[@revision]`` (a dataset).
+        revision: branch, tag or commit (default ``main``; or write ``@revision`` after the id).
+        include: file pattern(s) to fetch instead of the default ones, e.g. ``'*.gguf'`` or
+            ``'[README.md, "*.json"]'``.
+        trust_remote_code: also fetch a model repo's own code (``*.py``).
+    """
+    include = [include] if isinstance(include, str) else include
+    if hub.is_hub_dataset(repo_id):
+        ref = hub.parse_dataset_id(repo_id)
+    else:
+        parsed = hub.parse_model_id(repo_id)
+        if parsed is None:
+            raise LitPeftError(f"'{repo_id}' is not a hub id; write org/name (a model) or hub://org/name")
+        ref = parsed
+    if revision is not None:
+        if ref.revision is not None and ref.revision != revision:
+            raise LitPeftError(f"'{repo_id}' names revision '{ref.revision}' but --revision is '{revision}'")
+        ref = replace(ref, revision=revision)
+    if ref.repo_type == "dataset":
+        path = hub.download(ref, include or hub.dataset_patterns(ref, HUB_DATASET_FILES))
+    else:
+        path = hub.download_model(ref, trust_remote_code, include)
+    print(f"{ref.what} (commit {path.name}) is in {path}")
+    return path
+
+
 # -- the CLI entry points ---------------------------------------------------------------------------
-def _run(function: Callable[..., Any], name: str) -> Callable[[list[str]], None]:
+def _run(function: Callable[..., Any], name: str, positional: bool = False) -> Callable[[list[str]], None]:
     def main(argv: list[str]) -> None:
-        CLI(function, args=argv, as_positional=False, prog=f"litpeft {name}")
+        CLI(function, args=argv, as_positional=positional, prog=f"litpeft {name}")
 
     main.__doc__ = f"litpeft {name}: {function.__doc__.splitlines()[0] if function.__doc__ else ''}"
     return main
@@ -325,6 +371,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "evaluate": _run(evaluate, "evaluate"),
     "merge": _run(merge, "merge"),
     "export": _run(export_adapter, "export"),
+    "download": _run(download, "download", positional=True),
 }
 
 # Helpers that lived here before they moved (deprecated, for one release).

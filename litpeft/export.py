@@ -83,8 +83,10 @@ def to_peft(
     method: PeftMethod,
     state: dict[str, torch.Tensor],
     base_model_name_or_path: str | None,
+    revision: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``method.to_peft`` plus the config fields peft fills in when it saves an adapter itself."""
+    """``method.to_peft`` plus the config fields peft fills in when it saves an adapter itself
+    (``revision``: the base's hub revision)."""
     check_exportable(method)
     config, tensors = method.to_peft(model, state)
     config = {
@@ -92,7 +94,7 @@ def to_peft(
         "inference_mode": True,
         **config,
         "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
+        "revision": revision,
     }
     if "peft_type" not in config:
         raise LitPeftError(f"method '{method.name}': to_peft() returned a config without 'peft_type'")

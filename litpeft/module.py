@@ -36,7 +36,7 @@ class PeftLM(L.LightningModule):
 
     Args:
         model: model spec (see :mod:`litpeft.models`): ``smollm2-135m-instruct``, a directory, a ``.gguf``
-            file, a cached hub id, or ``tiny:<arch>``.
+            file, a hub id ``org/name`` or ``org/name@revision`` (downloaded on first use), or ``tiny:<arch>``.
         method: the PEFT method, e.g. ``{class_path: LoRA, init_args: {r: 16}}``.
         quantize: load the frozen base quantized (QLoRA and friends): ``nf4``, ``nf4-dq`` (double
             quantization), ``fp4`` or ``int8``; needs ``pip install 'litpeft[quant]'``. See

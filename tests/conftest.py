@@ -7,6 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import huggingface_hub.constants as hf_constants
 import pytest
 import torch
 from adapter_helpers import REPO, make_adapter, run_litpeft, write_jsonl  # noqa: F401 (REPO: the tests import it from here)
@@ -17,6 +18,14 @@ from litpeft.methods import LoRA
 SMOLLM2 = "smollm2-135m-instruct"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _no_real_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the real Hugging Face hub: HF_HUB_OFFLINE=1 (tests of downloads use the stand-in hub
+    of tests/hub_server.py). huggingface_hub reads the variable at import, so its constant is set too."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
 
 
 def word_rows(n: int = 24) -> list[dict]:

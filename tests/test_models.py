@@ -51,8 +51,12 @@ def test_missing_paths_and_uncached_hub_ids_fail_clearly(tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()
     with pytest.raises(LitPeftError, match="has no config.json"):
         resolve_spec(str(tmp_path / "empty"))
-    with pytest.raises(LitPeftError, match="not in the Hugging Face cache|does not download"):
+    with pytest.raises(
+        LitPeftError, match="not in the Hugging Face cache .*HF_HUB_OFFLINE=1; run `litpeft download"
+    ):
         load_tokenizer("someone/never-downloaded-model")
+    with pytest.raises(LitPeftError, match="model path 'a/b/c' does not exist"):
+        load_tokenizer("a/b/c")
     with pytest.raises(LitPeftError, match="unknown tiny model 'tiny:nope'"):
         load_model("tiny:nope")
 

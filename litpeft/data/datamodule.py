@@ -95,7 +95,8 @@ class InstructionDataModule(L.LightningDataModule):
 
     Args:
         train_file: a data file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``, ``.tsv``, ``.arrow``), a
-            directory of such files, or a ``datasets`` ``save_to_disk`` directory. Default: the bundled
+            directory of such files, a ``datasets`` ``save_to_disk`` directory, or a hub dataset
+            ``hub://org/name[@revision][/path/in/repo]`` (downloaded on first use). Default: the bundled
             demo set.
         val_file: a separate validation file (same kinds). Without one, ``val_fraction`` of the training
             rows (chosen with ``seed``) are held out.

@@ -3,8 +3,10 @@
 ``.json`` (a list of objects) and ``.jsonl`` are read here, with line numbers for errors; ``.parquet``,
 ``.csv``, ``.tsv``, ``.arrow`` and a directory written by ``datasets.Dataset.save_to_disk`` are read
 through Hugging Face ``datasets`` (the optional extra ``litpeft[data]``); any other directory is read file
-by file, in sorted order. Each row comes with its location (``file:line`` or ``file row i``); what a row
-*means* is up to the source (:mod:`litpeft.data.sources`). A malformed row is a :class:`BadRow`.
+by file, in sorted order. ``hub://org/name[@revision][/path]`` is a dataset repo on the Hugging Face hub,
+downloaded into the Hugging Face cache on first use (:func:`hub_rows`). Each row comes with its location
+(``file:line`` or ``file row i``); what a row *means* is up to the source (:mod:`litpeft.data.sources`).
+A malformed row is a :class:`BadRow`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from litpeft import hub
 from litpeft.errors import LitPeftError
 from litpeft.files import cache_dir
 
@@ -28,6 +31,8 @@ DATASETS_BUILDERS = {
     ".jsonl": "json",
 }
 SUFFIXES = tuple(DATASETS_BUILDERS)
+#: What a whole hub dataset repo contributes: its data files and the README that declares its configs.
+HUB_DATASET_FILES = [f"*{suffix}" for suffix in SUFFIXES] + ["README.md"]
 
 
 class BadRow(LitPeftError):
@@ -156,6 +161,39 @@ def datasets_rows(file: Path, load_kwargs: dict[str, Any]) -> Iterator[tuple[str
         yield f"{file} row {i}", row
 
 
+def hub_rows(
+    spec: str, split: str = "train", reader: str = "auto", load_kwargs: dict[str, Any] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """``(location, row)`` for every row of a hub dataset ``hub://org/name[@revision][/path]``.
+
+    A path inside the repo (a file or folder) is read like a local one; a whole repo through
+    ``datasets.load_dataset`` on its downloaded files, which finds its configs (``load_kwargs: {name:
+    ...}``) and splits as the hub does; ``split`` picks one.
+    """
+    ref = hub.parse_dataset_id(spec)
+    local = hub.download(ref, hub.dataset_patterns(ref, HUB_DATASET_FILES))
+    if ref.path:
+        local = local / ref.path
+        if not local.exists():
+            raise LitPeftError(f"{ref.what}: the repo has no file or folder '{ref.path}'")
+        for file in data_files(local):
+            yield from file_rows(file, reader, split, load_kwargs)
+        return
+    datasets = require_datasets()
+    try:
+        ds = datasets.load_dataset(
+            str(local), split=split, cache_dir=str(cache_dir() / "data" / "hf"), **(load_kwargs or {})
+        )
+    except Exception as e:  # datasets raises many types (an unknown split or config is a ValueError)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LitPeftError(
+            f"{ref.what} (split '{split}'): cannot be read by datasets ({first}); set "
+            "data.source.init_args.split / val_split, or load_kwargs: {name: <config>}"
+        ) from None
+    for i, row in enumerate(ds):
+        yield f"{ref} [{split}] row {i}", row
+
+
 def saved_rows(directory: Path, split: str) -> Iterator[tuple[str, Any]]:
     datasets = require_datasets()
     ds = datasets.load_from_disk(str(directory))
@@ -172,11 +210,13 @@ def saved_rows(directory: Path, split: str) -> Iterator[tuple[str, Any]]:
 
 __all__ = [
     "DATASETS_BUILDERS",
+    "HUB_DATASET_FILES",
     "SUFFIXES",
     "BadRow",
     "data_files",
     "datasets_rows",
     "file_rows",
+    "hub_rows",
     "is_saved_dataset",
     "json_rows",
     "jsonl_rows",

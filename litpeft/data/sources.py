@@ -2,7 +2,8 @@
 
 Two things vary independently and are kept apart:
 
-- *storage*, found from the path (:mod:`litpeft.data.readers`): ``.json`` (a list of objects) and
+- *storage*, found from the path (:mod:`litpeft.data.readers`): a hub dataset ``hub://org/name``
+  (downloaded on first use), ``.json`` (a list of objects) and
   ``.jsonl`` are read by litpeft, with line numbers for errors; ``.parquet``, ``.csv``, ``.tsv``,
   ``.arrow`` and a directory written by ``datasets.Dataset.save_to_disk`` are read through Hugging Face
   ``datasets`` (the optional extra ``litpeft[data]``); any other directory is read file by file, in
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from litpeft import hub
 from litpeft.data.prompts import Message
 from litpeft.data.readers import (
     DATASETS_BUILDERS,
@@ -35,6 +37,7 @@ from litpeft.data.readers import (
     BadRow,
     data_files,
     file_rows,
+    hub_rows,
     is_saved_dataset,
     require_datasets,
 )
@@ -63,9 +66,11 @@ class DataSource:
     Args:
         reader: ``auto`` reads ``.json``/``.jsonl`` itself (exact line numbers in errors) and everything else
             through ``datasets``; ``datasets`` reads every file through ``datasets.load_dataset``.
-        split: split of a saved ``DatasetDict`` that ``train_file`` names.
-        val_split: split of a saved ``DatasetDict`` that ``val_file`` names.
-        load_kwargs: extra keyword arguments for ``datasets.load_dataset`` (e.g. ``{delimiter: ";"}``).
+        split: split of a saved ``DatasetDict`` or a hub dataset (``hub://org/name``) that ``train_file``
+            names.
+        val_split: the same for ``val_file``.
+        load_kwargs: extra keyword arguments for ``datasets.load_dataset`` (e.g. ``{delimiter: ";"}``, or
+            ``{name: <config>}`` for a hub dataset).
     """
 
     def __init__(
@@ -93,6 +98,9 @@ class DataSource:
     def rows(self, path: str | Path, role: Literal["train", "val"] = "train") -> Iterator[tuple[str, Any]]:
         """``(location, row)`` for every row under ``path``; a malformed row comes as a :class:`BadRow`."""
         split = self.split if role == "train" else self.val_split
+        if hub.is_hub_dataset(path):
+            yield from hub_rows(str(path), split, self.reader, self.load_kwargs)
+            return
         for file in self.files(path):
             yield from file_rows(file, self.reader, split, self.load_kwargs)
 
