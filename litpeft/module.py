@@ -13,7 +13,7 @@ from lightning.pytorch.cli import instantiate_class
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from litpeft import precision
+from litpeft import heap, precision
 from litpeft.adapter_dir import save_adapter
 from litpeft.distributed import data_parallel_mesh, full_adapter, shard_model
 from litpeft.loading import storage_dtypes
@@ -78,6 +78,7 @@ class PeftLM(L.LightningModule):
             return
         mesh = data_parallel_mesh(self)  # set only under PeftFSDPStrategy
         self.model = self.build_model() if mesh is None else shard_model(self.build_model, mesh)
+        heap.trim()  # what loading freed (checkpoint buffers, the weights a quantized layer came from)
         self.model.train()  # dropout as in ordinary fine-tuning; load_model returns eval mode
         info = describe(self.model)
         log.info(
@@ -109,6 +110,7 @@ class PeftLM(L.LightningModule):
             )
             if self.quantize:
                 quantize_model(model, self.quantize)
+                heap.trim()
             self.method.apply(model)
             # a method may have set its own attention
             if model.config._attn_implementation == "sdpa" and SPEEDUPS.cpu_sdpa:
@@ -240,6 +242,14 @@ class PeftLM(L.LightningModule):
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(factor)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A quantized base on the CPU: give the heap back after each step (see :mod:`litpeft.heap`).
+
+        A subclass that overrides this hook must call ``super().on_train_batch_end(...)``.
+        """
+        if self.quantize and self.device.type == "cpu":
+            heap.trim()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))
