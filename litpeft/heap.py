@@ -29,6 +29,9 @@ def _glibc() -> Any | None:
 
 
 def trim() -> bool:
-    """Return the free heap memory to the system (glibc's ``malloc_trim(0)``); False where unavailable."""
+    """Return the free heap memory to the system (glibc's ``malloc_trim(0)``); False where there is no glibc."""
     libc = _glibc()
-    return bool(libc is not None and libc.malloc_trim(0))
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
