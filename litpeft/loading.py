@@ -59,6 +59,8 @@ def storage_dtypes(
         method.apply(model)
         tied = model.get_input_embeddings().weight
         for layer in frozen_linears(model, autocast):
+            if id(layer) not in names:  # added by the method: not in the checkpoint
+                continue
             name = names[id(layer)][0]
             if layer.weight is not tied:  # a tied head shares the fp32 table; it gets its own copy later
                 dtypes[f"{name}.weight"] = autocast
