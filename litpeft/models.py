@@ -15,9 +15,12 @@ Code from a model directory or repo runs only with ``trust_remote_code=True``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +238,15 @@ def load_model(
     trust_remote_code: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     meta: bool = False,
+    dtypes: dict[str, torch.dtype] | None = None,
 ) -> PreTrainedModel:
     """The causal LM for a spec, in ``dtype`` (default: float32), in eval mode with frozen weights.
 
     ``meta=True`` builds the same architecture on the meta device without reading any weight (each FSDP
     rank but the first does so; the weights then come from rank 0, see :mod:`litpeft.distributed`).
+    ``dtypes`` maps parameter names (``model.layers.0.mlp.up_proj.weight``) to the dtype each is read in
+    instead of ``dtype``, cast tensor by tensor as transformers reads the checkpoint (see
+    :mod:`litpeft.loading`); ``tiny:`` models are built, not read, and ignore it.
     """
     if meta:
         with torch.device("meta"):
@@ -260,16 +267,41 @@ def load_model(
     else:
         source = resolve_spec(spec, trust_remote_code)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source,
-                dtype=dtype or torch.float32,
-                local_files_only=True,
-                trust_remote_code=trust_remote_code,
-            )
+            with _read_in(dtypes or {}):
+                model = AutoModelForCausalLM.from_pretrained(
+                    source,
+                    dtype=dtype or torch.float32,
+                    local_files_only=True,
+                    trust_remote_code=trust_remote_code,
+                )
         except (OSError, ValueError) as e:
             raise LitPeftError(_load_error(spec, e)) from e
     model.requires_grad_(False)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _read_in(dtypes: dict[str, torch.dtype]) -> Iterator[None]:
+    """Inside the block ``from_pretrained`` reads each parameter named in ``dtypes`` in that dtype.
+
+    transformers (5.x) casts every checkpoint tensor as it reads it, to the dtype its "dtype plan" gives
+    for the parameter's name (a regex per entry, the mechanism behind ``_keep_in_fp32_modules``); the
+    plan gets one anchored entry per name here. A transformers without that hook reads everything in
+    ``dtype``: the same model, only without the memory saving (the casts happen after loading instead).
+    """
+    original = getattr(PreTrainedModel, "_get_dtype_plan", None)
+    if not dtypes or original is None:
+        yield
+        return
+
+    def plan(self: PreTrainedModel, dtype: torch.dtype) -> dict[str, torch.dtype]:
+        return {**original(self, dtype), **{f"^{re.escape(k)}$": v for k, v in dtypes.items()}}
+
+    PreTrainedModel._get_dtype_plan = plan
+    try:
+        yield
+    finally:
+        PreTrainedModel._get_dtype_plan = original
 
 
 def _load_error(spec: str, error: Exception) -> str:

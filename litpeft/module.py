@@ -13,13 +13,14 @@ from lightning.pytorch.cli import instantiate_class
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from litpeft import precision
+from litpeft import heap, precision
 from litpeft.adapter_dir import save_adapter
 from litpeft.distributed import data_parallel_mesh, full_adapter, shard_model
+from litpeft.loading import storage_dtypes
 from litpeft.loss import answer_logits, token_loss
 from litpeft.methods import LoRA, PeftMethod
 from litpeft.methods.attention import CPU_SDPA
-from litpeft.models import describe, load_model, load_tokenizer
+from litpeft.models import checkpoint_dtype, describe, load_model, load_tokenizer
 from litpeft.quantize import QuantMode, check_mode, quantize_model
 from litpeft.schedulers import build_lr_scheduler
 from litpeft.slurm import was_preempted
@@ -77,6 +78,7 @@ class PeftLM(L.LightningModule):
             return
         mesh = data_parallel_mesh(self)  # set only under PeftFSDPStrategy
         self.model = self.build_model() if mesh is None else shard_model(self.build_model, mesh)
+        heap.trim()  # what loading freed (checkpoint buffers, the weights a quantized layer came from)
         self.model.train()  # dropout as in ordinary fine-tuning; load_model returns eval mode
         info = describe(self.model)
         log.info(
@@ -91,6 +93,9 @@ class PeftLM(L.LightningModule):
     def build_model(self, meta: bool = False) -> PreTrainedModel:
         """The frozen base (in the precision's dtype, quantized if asked) with the method applied.
 
+        Each base tensor is read in the dtype it is kept in (:meth:`storage_dtypes`): under ``bf16-mixed``
+        no fp32 copy of a frozen linear weight is made.
+
         The method's tensors are created in fp32 whatever the precision: under ``bf16-true`` only the
         frozen base is bf16, the adapter keeps fp32 weights (and AdamW fp32 states) and is cast at use.
         """
@@ -101,9 +106,11 @@ class PeftLM(L.LightningModule):
                 trust_remote_code=self.trust_remote_code,
                 tokenizer=self.tokenizer,
                 meta=meta,
+                dtypes=None if meta else self.storage_dtypes(),
             )
             if self.quantize:
                 quantize_model(model, self.quantize)
+                heap.trim()
             self.method.apply(model)
             # a method may have set its own attention
             if model.config._attn_implementation == "sdpa" and SPEEDUPS.cpu_sdpa:
@@ -119,6 +126,21 @@ class PeftLM(L.LightningModule):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         return model
+
+    def storage_dtypes(self) -> dict[str, torch.dtype] | None:
+        """The base tensors to read in 16 bits when the base is loaded in fp32 (see :mod:`litpeft.loading`)."""
+        if self.model_spec.startswith("tiny:") or self.base_dtype() != torch.float32:
+            return None
+        if not (self.autocast_dtype() or self.quantize):
+            return None
+        spec, remote = self.model_spec, self.trust_remote_code
+        return storage_dtypes(
+            lambda: load_model(spec, trust_remote_code=remote, tokenizer=self.tokenizer, meta=True),
+            self.method,
+            self.quantize,
+            self.autocast_dtype(),
+            checkpoint_dtype(spec),
+        )
 
     def base_dtype(self) -> torch.dtype:
         """fp32, unless the trainer runs ``bf16-true`` or ``16-true`` (then the base is loaded in that dtype)."""
@@ -220,6 +242,14 @@ class PeftLM(L.LightningModule):
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(factor)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A quantized base on the CPU: give the heap back after each step (see :mod:`litpeft.heap`).
+
+        A subclass that overrides this hook must call ``super().on_train_batch_end(...)``.
+        """
+        if self.quantize and self.device.type == "cpu":
+            heap.trim()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))

@@ -2,8 +2,9 @@
 
 - ``bf16-true``/``16-true``: the base is loaded in that dtype; the adapter keeps fp32 master weights
   (``PeftLM._apply`` keeps Lightning's plugin from casting them down).
-- ``bf16-mixed``/``16-mixed``: the base is loaded in fp32 and autocast runs the matmuls in the low dtype;
-  the frozen linear weights are stored in that dtype once (:func:`store_frozen_linears`).
+- ``bf16-mixed``/``16-mixed``: autocast runs the matmuls in the low dtype; the frozen linear weights are
+  stored in that dtype (:func:`store_frozen_linears`), read straight in it from the checkpoint
+  (:mod:`litpeft.loading`), the rest of the base in fp32.
 """
 
 from __future__ import annotations
@@ -43,6 +44,23 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(before)
 
 
+def frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> list[torch.nn.Module]:
+    """The layers :func:`store_frozen_linears` holds in ``dtype``: frozen plain ``nn.Linear``/``Conv1D``
+    layers not read in fp32 by a PEFT layer, in fp32 or already loaded in ``dtype``, not stored yet."""
+    keep_fp32 = {
+        id(m) for layer in model.modules() if isinstance(layer, PeftLayer) for m in layer.fp32_base_layers()
+    }
+    return [
+        module
+        for module in model.modules()
+        if type(module) in (torch.nn.Linear, Conv1D)
+        and id(module) not in keep_fp32
+        and not module.weight.requires_grad
+        and module.weight.dtype in (torch.float32, dtype)
+        and not getattr(module, "_litpeft_stored", False)
+    ]
+
+
 def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Hold the frozen ``nn.Linear``/``Conv1D`` weights and biases in ``dtype``; return how many layers.
 
@@ -54,34 +72,25 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     while the copy costs no more than the cast that autocast keeps for the backward. Embeddings, norms,
     all trainable tensors and the layers a PEFT layer reads in fp32 (:meth:`PeftLayer.fp32_base_layers`)
     keep fp32. Outside autocast, hooks run such a layer in ``dtype`` and return its output in the input's
-    dtype, so the model still runs as before (e.g. called directly after ``fit``).
+    dtype, so the model still runs as before (e.g. called directly after ``fit``). Weights already loaded
+    in ``dtype`` (:func:`litpeft.loading.storage_dtypes`) are kept as they are and get the same hooks.
     """
     if not SPEEDUPS.frozen_bf16:
         return 0
     tied = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
-    keep_fp32 = {
-        id(m) for layer in model.modules() if isinstance(layer, PeftLayer) for m in layer.fp32_base_layers()
-    }
-    count = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (
-            type(module) not in (torch.nn.Linear, Conv1D)
-            or id(module) in keep_fp32
-            or weight.requires_grad
-            or weight.dtype != torch.float32
-        ):
-            continue
+    layers = frozen_linears(model, dtype)
+    for module in layers:
+        weight = module.weight
         if weight is tied:
             module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
         else:
             module.weight.data = weight.data.to(dtype)
         if module.bias is not None and not module.bias.requires_grad:
             module.bias.data = module.bias.data.to(dtype)
+        module._litpeft_stored = True
         module.register_forward_pre_hook(_outside_autocast_in)
         module.register_forward_hook(_outside_autocast_out)
-        count += 1
-    return count
+    return len(layers)
 
 
 def _outside_autocast_in(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:

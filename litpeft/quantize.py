@@ -222,18 +222,23 @@ def quantize_model(model: nn.Module, mode: QuantMode, skip: tuple[nn.Module, ...
         return model
     if not any(p.is_meta for p in model.parameters()):
         _bnb()
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip = (*skip, output) if output is not None else skip
-    targets = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, Conv1D)) and not isinstance(m, QuantizedLinear) and m not in skip
-    ]
+    targets = quantize_targets(model, skip)
     if not targets:
         raise LitPeftError(f"model.quantize={mode}: {type(model).__name__} has no linear layer to quantize")
     for name in targets:
         model.set_submodule(name, QuantizedLinear.from_float(model.get_submodule(name), mode))
     return model
+
+
+def quantize_targets(model: nn.Module, skip: tuple[nn.Module, ...] = ()) -> list[str]:
+    """Names of the layers :func:`quantize_model` replaces: every linear layer but the LM head and ``skip``."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = (*skip, output) if output is not None else skip
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and not isinstance(m, QuantizedLinear) and m not in skip
+    ]
 
 
 def quantized_bytes(model: nn.Module) -> int:
