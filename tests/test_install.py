@@ -69,10 +69,8 @@ def pip_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str | Path], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [str(c) for c in cmd], env=pip_env(), capture_output=True, text=True, timeout=600, **kwargs
-    )
+def run(cmd: list[str | Path]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(c) for c in cmd], env=pip_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
