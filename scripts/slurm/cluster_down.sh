@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop a cluster started by cluster_up.sh: cancel its jobs, then stop only the daemons whose pid files
-# cluster_up.sh left in STATE_DIR (slurmd, slurmctld, and munged if it started one).
+# cluster_up.sh left in STATE_DIR (slurmd or one per node, slurmctld, and munged if it started one).
 #   scripts/slurm/cluster_down.sh [STATE_DIR]      # default: $SLURM_CI_DIR
 # Pass --purge as a second argument to also delete STATE_DIR.
 set -uo pipefail
@@ -18,8 +18,7 @@ if [ -f "$D/etc/slurm.conf" ] && alive "$D/slurmctld.pid"; then
   fi
 fi
 
-for p in slurmd slurmctld munged; do
-  f="$D/$p.pid"
+for f in "$D"/slurmd.pid "$D"/slurmd-*.pid "$D/slurmctld.pid" "$D/munged.pid"; do   # slurmd-<node>: SLURM_CI_NODES>1
   [ -s "$f" ] || continue
   pid=$(cat "$f")
   kill "$pid" 2>/dev/null || true

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Start a throwaway single-node Slurm cluster (slurmctld + slurmd + munge) on localhost, for testing
-# the sbatch templates and the preemption/requeue path for real. Needs root (Debian/Ubuntu, no systemd needed).
+# Start a throwaway Slurm cluster (slurmctld + slurmd + munge) on localhost, for testing the sbatch
+# templates and the preemption/requeue path for real. Needs root (Debian/Ubuntu, no systemd needed).
+# SLURM_CI_NODES=N (default 1) starts N slurmd daemons on this host, nodes n1..nN on ports
+# SLURM_CI_SLURMD_PORT, +1, ...: Debian's Slurm is built with multiple-slurmd support
+# (`scontrol show config` says MULTIPLE_SLURMD = Yes), so a multi-node job runs on one machine.
 #
 #   eval "$(scripts/slurm/cluster_up.sh [STATE_DIR])"   # exports SLURM_CONF and SLURM_CI_DIR
 #   sbatch scripts/slurm/cpu.sbatch ...
@@ -9,7 +12,7 @@
 # STATE_DIR defaults to $SLURM_CI_DIR, else a fresh temp dir. stdout carries only `export ...` lines;
 # progress and errors go to stderr. Installs slurmctld slurmd slurm-client munge with apt-get if missing.
 # Env knobs: SLURM_CI_AUTH=munge|none, SLURM_CI_CPUS (default: nproc), SLURM_CI_MEM_MB,
-# SLURM_CI_CTLD_PORT (6817), SLURM_CI_SLURMD_PORT (6818).
+# SLURM_CI_CTLD_PORT (6817), SLURM_CI_SLURMD_PORT (6818), SLURM_CI_NODES (1). SLURM_CI_CPUS is per node.
 # Adapted from shared/reference/slurm_up.sh (Slurm 22.05 on Debian 12).
 set -euo pipefail
 log() { echo "[cluster_up] $*" >&2; }
@@ -26,11 +29,12 @@ CPUS=${SLURM_CI_CPUS:-$(nproc)}
 MEM_MB=${SLURM_CI_MEM_MB:-$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 8 / 10 ))}
 CTLD_PORT=${SLURM_CI_CTLD_PORT:-6817}
 SLURMD_PORT=${SLURM_CI_SLURMD_PORT:-6818}
+NODES=${SLURM_CI_NODES:-1}
 
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 emit() { echo "export SLURM_CONF=$D/etc/slurm.conf"; echo "export SLURM_CI_DIR=$D"; }
 
-if alive "$D/slurmctld.pid" && alive "$D/slurmd.pid"; then
+if alive "$D/slurmctld.pid" && { alive "$D/slurmd.pid" || alive "$D/slurmd-n1.pid"; }; then
   log "cluster in $D already running"; emit; exit 0
 fi
 
@@ -101,14 +105,29 @@ MailProg=/bin/true
 JobRequeue=1
 KillWait=5
 MinJobAge=300
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
+if [ "$NODES" = 1 ]; then
+  echo "NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN" >> "$D/etc/slurm.conf"
+else
+  # several slurmd on this host: each its own node name, port, pid file, spool dir and log (%n: node name)
+  sed -i -e "s|^SlurmdSpoolDir=.*|SlurmdSpoolDir=$D/spool/%n|" -e "s|^SlurmdPidFile=.*|SlurmdPidFile=$D/slurmd-%n.pid|" \
+    -e "s|^SlurmdLogFile=.*|SlurmdLogFile=$D/log/slurmd-%n.log|" "$D/etc/slurm.conf"
+  for i in $(seq 1 "$NODES"); do
+    mkdir -p "$D/spool/n$i"
+    echo "NodeName=n$i NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$(( SLURMD_PORT + i - 1 )) CPUs=$CPUS" \
+      "RealMemory=$MEM_MB State=UNKNOWN" >> "$D/etc/slurm.conf"
+  done
+fi
+echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$D/etc/slurm.conf"
 export SLURM_CONF=$D/etc/slurm.conf
 
 # 4. daemons (both daemonize and write the pid files named in slurm.conf)
 slurmctld -c
-slurmd -N "$NODE"
+if [ "$NODES" = 1 ]; then
+  slurmd -N "$NODE"
+else
+  for i in $(seq 1 "$NODES"); do slurmd -N "n$i"; done
+fi
 for _ in $(seq 1 60); do
   if [ "$(sinfo -h -o %t 2>/dev/null)" = idle ]; then
     sinfo >&2
