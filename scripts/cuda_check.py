@@ -2,7 +2,7 @@
 
 On a machine with a GPU (see scripts/cuda_check.sh for the one call that carries the missing wheels):
 
-    python scripts/cuda_check.py --out $OUT            # every check below, ~2-4 minutes on one GPU
+    python scripts/cuda_check.py --out $OUT            # every check below, ~4-7 minutes on one GPU
     python scripts/cuda_check.py --device cpu --quick  # the same code path on the CPU (dry run)
 
 Checks, each a few optimizer steps of ``litpeft`` through Lightning on ``tiny:llama`` with the bundled
@@ -13,8 +13,9 @@ demo data, after one validation pass (the step that broke bitsandbytes' CPU 4-bi
    weighting's gradient rescale runs after the scaler's unscale;
 2. every registered method on an ``nf4`` base under ``bf16-true``, and LoRA on ``int8``;
 3. ``PeftFSDPStrategy`` (FSDP2 over the devices, NCCL) with ``nf4``, gradient checkpointing, ``bf16-true``;
-4. peak memory and step time of LoRA on the ~1.1B Llama in fp32, bf16, nf4 and int8
-   (``scripts/benchmark_memory.py``'s measurement, ``torch.cuda.max_memory_allocated``).
+4. peak memory and step time of LoRA on the ~1.1B Llama in fp32, bf16, nf4 and int8, then on the
+   Llama-3.2-3B shape in nf4 (QLoRA) and bf16-mixed (``scripts/benchmark_memory.py``'s measurement,
+   ``torch.cuda.max_memory_allocated``; the 3B random checkpoint is written once, ~6.4 GB, 1-2 minutes).
 
 Each check passes when the loss is finite, every trainable tensor has changed and the adapter is written.
 One JSON line per check goes to ``<out>/cuda_check.jsonl``; the exit status is the number of failures.
@@ -189,16 +190,19 @@ def main() -> int:
         sys.path.insert(0, str(REPO / "scripts"))
         from benchmark_memory import run_one
 
-        for mode in ["fp32", "bf16", "nf4", "int8"]:
+        # the 1.1B table, then a Llama-3.2-3B-shaped QLoRA step and bf16-mixed LoRA step (issue #15)
+        runs = [("llama-1b", mode) for mode in ["fp32", "bf16", "nf4", "int8"]]
+        runs += [("llama-3.2-3b", "nf4"), ("llama-3.2-3b", "bf16-mixed")]
+        for shape, mode in runs:
             try:
                 result = {
-                    "check": f"memory llama-1b {mode}",
-                    **run_one("llama-1b", mode, 5, 4, 256, args.device),
+                    "check": f"memory {shape} {mode}",
+                    **run_one(shape, mode, 5 if shape == "llama-1b" else 3, 4, 256, args.device),
                 }
                 result["ok"] = True
             except Exception as e:
                 result = {
-                    "check": f"memory llama-1b {mode}",
+                    "check": f"memory {shape} {mode}",
                     "ok": False,
                     "error": f"{type(e).__name__}: {e}",
                 }

@@ -10,7 +10,7 @@
 #     -d .whl bitsandbytes==0.50.2 transformers==5.24.0 jsonargparse==4.53.0 docstring-parser==0.18.0 \
 #     typeshed-client==2.15.0
 #
-# Then run: bash scripts/cuda_check.sh   (writes $OUT/cuda_check.jsonl; about 2-4 minutes on one H200)
+# Then run: bash scripts/cuda_check.sh   (writes $OUT/cuda_check.jsonl; about 4-7 minutes on one H200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .cuda-site .whl/*.whl
