@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from distributed_worker import fit  # noqa: E402
@@ -49,6 +51,10 @@ def main(out: Path) -> None:
         }
         (out / name).mkdir(exist_ok=True)  # only rank 0 writes the adapter there
         (out / name / f"node{os.environ['NODE_RANK']}.json").write_text(json.dumps(seen))
+    # Leave together: a node that exits while its peer still tears down gloo's connections aborts the
+    # peer ("terminate called without an active exception", exit -6).
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
