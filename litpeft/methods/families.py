@@ -1,0 +1,106 @@
+"""Which method cannot work on which model family: the one-line refusals ``PeftMethod.apply`` raises.
+
+Each rule looks at the model's structure, not its name, so a new architecture built the same way is
+refused (or accepted) for the same reason. The README's method x family table is generated from the
+matrix test (``scripts/method_family_table.py``), which asserts these refusals.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from litpeft.errors import LitPeftError
+
+#: methods that work inside attention through an attention slot (``litpeft.methods.attention``)
+ATTENTION_SLOT_METHODS = ("prefix_tuning", "p_tuning_v2", "llama_adapter", "llama_adapter_v2")
+LLAMA_ADAPTERS = ("llama_adapter", "llama_adapter_v2")
+
+
+def expert_tensors(model: nn.Module) -> list[str]:
+    """Names of 3-D parameters (``experts x out x in``): a mixture of experts whose experts are one
+    tensor each (transformers 5's ``Qwen3MoeExperts``, ``MixtralExperts``), not ``nn.Linear`` layers."""
+    return [name for name, p in model.named_parameters() if p.dim() == 3]
+
+
+def _attention_blocks(model: nn.Module) -> list[nn.Module]:
+    """Each layer's self-attention block (a module with an integer ``layer_idx`` named ``*Attention``)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")
+    ]
+
+
+def _lora_experts(method: Any, model: PreTrainedModel) -> str | None:
+    targets = getattr(method, "target_modules", None)
+    experts = expert_tensors(model)
+    if not experts or targets is None or targets == "all-linear":
+        return None
+    if isinstance(targets, str):
+        named = [n for n in experts if re.fullmatch(targets, n) or re.fullmatch(targets, n.rsplit(".", 1)[0])]
+    else:
+        named = [n for n in experts if any(n == t or n.endswith("." + t) for t in targets)]
+    if not named:
+        return None
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in named})
+    return (
+        f"{method.name}: {type(model).__name__}'s experts hold {', '.join(leaves)} as 3-D tensors "
+        f"({named[0]}: one per expert), not nn.Linear layers, so LoRA cannot wrap them; target the "
+        "attention projections (q_proj, k_proj, v_proj, o_proj) or all-linear"
+    )
+
+
+def _attention_found(method: Any, model: PreTrainedModel) -> str | None:
+    if method.name not in ATTENTION_SLOT_METHODS:
+        return None
+    without = [m for m in _attention_blocks(model) if not hasattr(m, "head_dim")]
+    if not without:
+        return None
+    return (
+        f"{method.name}: {type(model).__name__}'s attention ({type(without[0]).__name__}) has no head_dim "
+        "attribute, which litpeft's attention slots (prefix keys/values, adaption prompts) need to find "
+        "and shape each layer's attention; this family is not supported by this method"
+    )
+
+
+def _llama_adapter_key_norm(method: Any, model: PreTrainedModel) -> str | None:
+    if method.name not in LLAMA_ADAPTERS:
+        return None
+    for module in _attention_blocks(model):
+        norm = getattr(module, "k_norm", None)
+        weight = getattr(norm, "weight", None)
+        if weight is not None and weight.shape[-1] != getattr(module, "head_dim", weight.shape[-1]):
+            return (
+                f"{method.name}: {type(model).__name__} normalizes the keys of all heads together "
+                f"(k_norm over {weight.shape[-1]} features, not per head of {module.head_dim}), so the "
+                "adaption prompts' keys cannot be computed per head as LLaMA-Adapter does"
+            )
+    return None
+
+
+RULES: list[Callable[[Any, PreTrainedModel], str | None]] = [
+    _lora_experts,
+    _attention_found,
+    _llama_adapter_key_norm,
+]
+
+
+def family_refusal(method: Any, model: PreTrainedModel) -> str | None:
+    """``None`` when ``method`` can work on ``model``'s family, else why not, in one line."""
+    for rule in RULES:
+        reason = rule(method, model)
+        if reason is not None:
+            return reason
+    return None
+
+
+def check_family(method: Any, model: PreTrainedModel) -> None:
+    """Raise :class:`LitPeftError` with :func:`family_refusal`'s reason, if any."""
+    reason = family_refusal(method, model)
+    if reason is not None:
+        raise LitPeftError(reason)
