@@ -81,9 +81,10 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 # Tolerances: fp32 paths agree to rounding; bf16 paths compute in another order (packed vs padded rows,
 # a reload), each op with bf16's 2^-8 relative spacing, on the tiny models' O(1) logits.
 TOL = {"32-true": 1e-4, "bf16-mixed": 3e-2, "bf16-true": 3e-2}
-# A loss is a mean over tokens: rounding averages out (measured: 0 on the tiny Llama for the methods
-# that pack correctly, 0.06-0.08 for the ones that do not).
-LOSS_TOL = {"32-true": 1e-5, "bf16-mixed": 1e-2, "bf16-true": 1e-2}
+# Packed vs padded losses: measured exactly equal (0.0) in every family for the methods that pack
+# correctly, in bf16 too; the known packing defect gives 0.0017 (Granite, whose residual multiplier
+# damps the soft prompt) to 0.19.
+LOSS_TOL = {"32-true": 1e-5, "bf16-mixed": 1e-4, "bf16-true": 1e-4}
 
 
 def method_config(name: str) -> tuple[dict[str, Any], float, str | None]:
