@@ -1,8 +1,9 @@
 """One cell of the method x precision x data path x base x family matrix, run as ``litpeft fit`` runs it.
 
 A cell builds ``PeftLM(tiny:<family>, <method from configs/<method>.yaml>)`` and drives it through
-Lightning's ``Trainer`` with the real precision plugin (a sanity validation pass, then ``STEPS`` steps at
-the config's learning rate on right-padded batches), then checks, on the trained model:
+Lightning's ``Trainer`` with the real precision plugin (a sanity validation pass, then ``STEPS`` steps
+with the config's optimizer, LR and weight decay, no warmup, on right-padded batches), then checks, on
+the trained model:
 
 - every trainable tensor and its AdamW state is fp32 and every trainable tensor has moved;
 - packed: the loss of a packed row equals the loss of the same samples padded (the trainer's precision);
@@ -87,13 +88,13 @@ TOL = {"32-true": 1e-4, "bf16-mixed": 3e-2, "bf16-true": 3e-2}
 LOSS_TOL = {"32-true": 1e-5, "bf16-mixed": 1e-4, "bf16-true": 1e-4}
 
 
-def method_config(name: str) -> tuple[dict[str, Any], float, str | None]:
-    """``(method config, learning rate, quantize)`` of a matrix method, read from its shipped YAML."""
+def method_config(name: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """``(method config, optimizer config, quantize)`` of a matrix method, read from its shipped YAML."""
     file, overrides = METHODS[name]
     config = yaml.safe_load((REPO / "configs" / f"{file}.yaml").read_text())
     method = copy.deepcopy(config["model"]["init_args"]["method"])
     method.setdefault("init_args", {}).update(overrides)
-    return method, float(config["optimizer"]["init_args"]["lr"]), config["model"]["init_args"].get("quantize")
+    return method, config["optimizer"], config["model"]["init_args"].get("quantize")
 
 
 def rows() -> list[dict[str, str]]:
@@ -132,8 +133,9 @@ class _Snapshot(L.Callback):
         self.start = {n: p.detach().float().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def build_module(cell: Cell, adapter_dir: Path) -> tuple[PeftLM, float]:
-    method, lr, _ = method_config(cell.method)
+def build_module(cell: Cell, adapter_dir: Path) -> PeftLM:
+    """The cell's PeftLM with the config's method and optimizer (its LR and weight decay; no warmup)."""
+    method, optimizer, _ = method_config(cell.method)
     if "tokenizer" in method["init_args"] and method["init_args"]["tokenizer"] is None:
         method["init_args"]["tokenizer"] = f"tiny:{cell.family}"  # the shipped configs' base has its own
     module = PeftLM(
@@ -142,14 +144,14 @@ def build_module(cell: Cell, adapter_dir: Path) -> tuple[PeftLM, float]:
         quantize=cell.quantize,
         adapter_dir=str(adapter_dir),
     )
-    module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr, "weight_decay": 0.0}}
-    return module, lr
+    module.optimizer_init = optimizer
+    return module
 
 
 def fit(cell: Cell, tmp: Path) -> tuple[PeftLM, L.Trainer, _Snapshot]:
     """``litpeft fit``'s path: Trainer(precision) -> configure_model -> sanity validation -> STEPS steps."""
     L.seed_everything(0, verbose=False)
-    module, _ = build_module(cell, tmp / "adapter")
+    module = build_module(cell, tmp / "adapter")
     data = InstructionDataModule(
         train_file=str(write_jsonl(tmp / "train.jsonl", rows())),
         val_fraction=0.25,
