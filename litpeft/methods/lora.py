@@ -10,6 +10,11 @@ adapted weight into a trainable magnitude ``m`` and a direction::
 
     W' = m * (W + s B A) / ||W + s B A||_c        (||.||_c: norm of each output row, detached)
 
+With dropout, DoRA trains peft's function: the dropped input feeds the magnitude term too,
+``W x + (m/||.||_c - 1) W drop(x) + m/||.||_c s B A drop(x)`` (in eval mode: ``W' x``).
+:meth:`LoRALinear.merge` / :meth:`LoRALinear.unmerge` fold the update into the base weight in place and
+back; :meth:`LoRA.merge` (``litpeft merge``) uses it.
+
 QLoRA (Dettmers et al. 2023) is this method on a quantized base (``model.quantize``). Layers hold
 ``lora_A`` / ``lora_B`` as ``nn.Linear`` and the wrapped layer as ``base_layer``, so parameter names
 are Hugging Face peft's and export is a rename of the prefix only.
@@ -51,8 +56,10 @@ class LoRALinear(nn.Module, PeftLayer):
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         out_features, in_features = self._base_weight().shape
         w = base_layer.weight
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device)
+        # fp32 whatever the base's dtype (master weights; the forward casts at the edges)
+        f = {"device": w.device, "dtype": torch.float32}
+        self.lora_A = nn.Linear(in_features, r, bias=False, **f)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **f)
         self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False

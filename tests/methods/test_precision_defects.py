@@ -160,3 +160,21 @@ def test_trainable_norm_is_an_fp32_copy_that_starts_at_the_base_norm() -> None:
     assert not torch.equal(norm(x), expected)
     norm.disabled = True
     assert torch.equal(norm(x), expected)
+
+
+def test_llama_adapter_v2_trained_under_bf16_true_merges_into_a_bf16_model(tmp_path: Path) -> None:
+    """The fp32 norms, biases and scales fold back into the bf16 base: a plain bf16 model whose logits
+    are the adapted model's without the prompts (gates closed) within bf16 rounding."""
+    method = method_from_config(METHODS["llama_adapter_v2"])
+    module, _ = fit(tmp_path, "tiny:llama", method, "bf16-true", steps=1)
+    model = module.model.eval()
+    ids = torch.randint(3, 250, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("litpeft_adaption.gate"):
+                p.zero_()  # merge leaves the prompts out: compare without them
+        before = model(ids).logits.float()
+        merged = method.merge(model)
+        assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+        after = merged(ids).logits.float()
+    torch.testing.assert_close(after, before, rtol=0.05, atol=0.05)
