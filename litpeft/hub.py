@@ -179,7 +179,7 @@ def hub_error(ref: HubRef, error: BaseException) -> str | None:
             "check the network (or HF_ENDPOINT), or " + get
         )
     if isinstance(error, (ConnectionError, TimeoutError)) or _is_transport_error(error):
-        return f"downloading {ref.what} from {endpoint} failed ({_first_line(error)}); run it again to resume"
+        return f"downloading {ref.what} from {endpoint} failed ({_first_line(error)}); run it again: files already downloaded are kept"
     if isinstance(error, HfHubHTTPError):
         return f"the hub at {endpoint} answered HTTP {_status(error)} for {ref.what}: {_first_line(error)}"
     return None

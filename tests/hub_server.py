@@ -19,6 +19,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -71,6 +72,12 @@ class HubServer:
     models: dict[str, Repo] = field(default_factory=dict)
     datasets: dict[str, Repo] = field(default_factory=dict)
     drop_once: set[str] = field(default_factory=set)
+    #: file name -> byte offset where every GET of it stops (the connection is closed): a download that
+    #: cannot complete until the entry is removed
+    cut: dict[str, int] = field(default_factory=dict)
+    #: file name -> how many metadata requests (HEAD) for it to wait for before its content is sent:
+    #: holds a download open until that many clients are fetching the file at once (at most 60 s)
+    hold: dict[str, int] = field(default_factory=dict)
     #: every request: (method, path, Range header or None)
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
     connections: list[socket.socket] = field(default_factory=list)
@@ -171,6 +178,14 @@ class HubServer:
         if h.command != "HEAD":
             h.wfile.write(body)
 
+    def wait_for_heads(self, name: str) -> None:
+        deadline = time.monotonic() + 60
+        pattern = re.compile(rf"/resolve/[^/]+/{re.escape(name)}$")
+        while time.monotonic() < deadline:
+            if sum(1 for r in self.log if r[0] == "HEAD" and pattern.search(r[1])) >= self.hold[name]:
+                return
+            time.sleep(0.05)
+
     def json(self, h: BaseHTTPRequestHandler, payload: object) -> None:
         body = json.dumps(payload).encode()
         h.send_response(200)
@@ -210,6 +225,13 @@ class HubServer:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         h.end_headers()
         if head:
+            return
+        if name in self.hold:
+            self.wait_for_heads(name)
+        if name in self.cut:
+            h.wfile.write(data[start : max(start, self.cut[name])])
+            h.wfile.flush()
+            h.close_connection = True
             return
         if name in self.drop_once and len(body) > 1:
             self.drop_once.discard(name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,6 +217,71 @@ def test_an_interrupted_download_resumes(server: HubServer, monkeypatch: pytest.
     assert len(gets) == 2 and gets[0][2] is None and gets[1][2].startswith("bytes=")
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(x).logits, load_model("tiny:llama")(x).logits)
+
+
+def test_a_download_cut_off_for_good_keeps_finished_files_for_the_next_run(
+    server: HubServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """huggingface_hub resumes a dropped file inside one call; across runs it keeps every finished file
+    (its partial files are per process and removed), so a rerun fetches only what is missing."""
+    monkeypatch.setattr("huggingface_hub.file_download.time.sleep", lambda s: None)
+    load_model("tiny:llama").save_pretrained(tmp_path / "sharded", max_shard_size="150KB")
+    files = dir_files(tmp_path / "sharded")
+    shards = sorted(n for n in files if n.endswith(".safetensors"))
+    assert len(shards) >= 3
+    server.models["org/sharded"] = Repo.from_files({**files, **dir_files(_tokenizer_dir(tmp_path))})
+    server.cut[shards[1]] = len(files[shards[1]]) // 2
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["download", "org/sharded"])
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("litpeft: error:")]
+    assert exit_info.value.code == 2 and len(err) == 1 and "Traceback" not in stderr
+    assert err[0].startswith("litpeft: error: downloading model 'org/sharded' from ")
+    assert err[0].endswith("run it again: files already downloaded are kept")
+    blobs = Path(hf_constants.HF_HUB_CACHE) / "models--org--sharded" / "blobs"
+    assert not list(blobs.glob("*.incomplete"))  # no partial file left behind
+
+    def gets(name: str) -> int:
+        return sum(1 for r in server.requested(rf"/cdn/.*/{name}$") if r[0] == "GET")
+
+    before = {name: gets(name) for name in shards}
+    assert all(before[name] == 1 for name in shards if name != shards[1])  # the others finished
+    del server.cut[shards[1]]
+    main(["download", "org/sharded"])
+    assert {name: gets(name) - before[name] for name in shards} == {
+        name: int(name == shards[1]) for name in shards
+    }
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(load_model("org/sharded")(x).logits, load_model("tiny:llama")(x).logits)
+
+
+def _tokenizer_dir(tmp_path: Path) -> Path:
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    return tmp_path / "tokenizer"
+
+
+def test_ranks_downloading_at_once_fetch_each_file_once(server: HubServer, tmp_path: Path) -> None:
+    """Every DDP rank loads the model: processes sharing a cache download each file once (huggingface_hub's
+    per-file lock) and all of them get the model; the server holds the weights until both ask for them."""
+    server.hold["model.safetensors"] = 2
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "litpeft", "download", "org/tiny"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert len([r for r in server.requested(r"/resolve/\w+/model\.safetensors$") if r[0] == "HEAD"]) >= 2
+    assert len([r for r in server.requested(r"/cdn/.*/model\.safetensors$") if r[0] == "GET"]) == 1
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(load_model("org/tiny")(x).logits, load_model("tiny:llama")(x).logits)
 
 
 def test_repo_code_is_never_fetched_or_run_without_trust_remote_code(

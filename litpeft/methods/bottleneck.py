@@ -142,7 +142,8 @@ class HoulsbyAdapter(PeftMethod):
     def inject(self, model: PreTrainedModel) -> None:
         require_decoder_only(model, "HoulsbyAdapter")
         hidden = hidden_size(model)
-        dtype = model.get_input_embeddings().weight.dtype  # a quantized block's weights are integers
+        # fp32 whatever the base's dtype (the adapter's master weights; the forward casts at its edges)
+        dtype = torch.float32
         m = self.bottleneck_size or hidden // int(self.reduction_factor or 1)
         if m <= 0:
             raise LitPeftError(

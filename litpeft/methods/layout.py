@@ -163,9 +163,14 @@ class TrainableNorm(nn.Module, PeftLayer):
     """A normalization layer trained with the method (Houlsby et al. 2019, sec. 2.1; LLaMA-Adapter V2,
     Gao et al. 2023, sec. 3.1).
 
-    The norm itself is trained, as the child ``slot`` (its saved keys: ``<norm>.<slot>.weight``; the
-    bottleneck adapters use ``base_layer``, LLaMA-Adapter V2 ``tuned``). Its base values are kept as
-    non-persistent buffers, so that ``adapters_disabled`` computes with them and gives the base model.
+    The norm is trained as the child ``slot`` (its saved keys: ``<norm>.<slot>.weight``; the bottleneck
+    adapters use ``base_layer``, LLaMA-Adapter V2 ``tuned``), with its parameters in fp32 whatever the
+    base's dtype: under ``bf16-true`` a bf16 norm weight near 1 moves only in steps of 2^-8, so a small
+    Adam step would never change it. Its output has the dtype the base norm's would have (the input's and
+    the base's promoted: under ``bf16-true``, bf16), and while the trained values equal the base values
+    it is the base norm's output bit for bit (the norm computes in fp32 and rounds once, either way).
+    The base values are kept as non-persistent buffers in their own dtype, so that ``adapters_disabled``
+    computes with them and gives the base model.
     """
 
     def __init__(self, norm: nn.Module, slot: str = "base_layer") -> None:
@@ -175,18 +180,40 @@ class TrainableNorm(nn.Module, PeftLayer):
         self._names = [n for n, _ in norm.named_parameters()]
         for n, p in norm.named_parameters():
             self.register_buffer("base_" + n.replace(".", "_"), p.detach().clone(), persistent=False)
+            if p.is_floating_point():
+                p.data = p.data.float()  # the trained copy: fp32 master weights
         norm.requires_grad_(True)
 
     @property
+    def base_dtype(self) -> torch.dtype | None:
+        """The dtype of the base values (they follow the model's casts; the trained copy keeps fp32)."""
+        return next((b.dtype for b in self.buffers(recurse=False) if b.is_floating_point()), None)
+
+    @property
     def trained(self) -> nn.Module:
-        """The trained norm (a plain layer of the model's own class)."""
+        """The trained norm (a plain layer of the model's own class, fp32 parameters)."""
         return self._modules[self.slot]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.disabled:
             params = {n: getattr(self, "base_" + n.replace(".", "_")) for n in self._names}
             return torch.func.functional_call(self.trained, params, args, kwargs)
-        return self.trained(*args, **kwargs)
+        out = self.trained(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)) or self.base_dtype is None:
+            return out
+        dtype = torch.promote_types(x.dtype, self.base_dtype)
+        return out if out.dtype == dtype or not out.is_floating_point() else out.to(dtype)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Module:
+        """The trained norm with its parameters in the base's dtype: a plain layer for a merged model."""
+        norm = self.trained
+        if self.base_dtype is not None:
+            for p in norm.parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(self.base_dtype)
+        return norm
 
 
 def train_norms(parent: nn.Module, slot: str, children_only: bool = False) -> None:

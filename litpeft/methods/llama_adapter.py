@@ -56,28 +56,30 @@ class AdaptionPrompt(AttentionState):
 
     def __init__(self, hidden_size: int, num_tokens: int, num_heads: int, per_head: bool = True) -> None:
         super().__init__()
-        self.prompt = nn.Parameter(torch.randn(num_tokens, hidden_size))
-        self.gate = nn.Parameter(torch.zeros(num_heads if per_head else 1))
+        self.prompt = nn.Parameter(torch.randn(num_tokens, hidden_size, dtype=torch.float32))
+        self.gate = nn.Parameter(torch.zeros(num_heads if per_head else 1, dtype=torch.float32))
         self._cached: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def key_value(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(num_kv_heads, K, head_dim)`` keys and values of the prompt through ``module``'s projections."""
+    def key_value(self, module: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(num_kv_heads, K, head_dim)`` keys and values of the prompt through ``module``'s projections,
+        the prompt entering them in ``dtype`` (the stream's: see :func:`prompt_key_value`)."""
         if torch.is_grad_enabled():
             self._cached = None
-            return prompt_key_value(module, self.prompt)
+            return prompt_key_value(module, self.prompt, dtype)
         deps = [self.prompt, *module.parameters()]
         stamp = tuple((p.data_ptr(), p._version, p.dtype) for p in deps) + (
             torch.is_autocast_enabled(self.prompt.device.type),
+            dtype,
         )
         if self._cached is None or self._cached[0] != stamp:
-            self._cached = (stamp, prompt_key_value(module, self.prompt))
+            self._cached = (stamp, prompt_key_value(module, self.prompt, dtype))
         return self._cached[1]
 
     def output(
         self, module: nn.Module, query: torch.Tensor, out: torch.Tensor, kwargs: dict[str, Any]
     ) -> torch.Tensor:
         """``out + tanh(g) * softmax(Q K_p^T / sqrt(d)) V_p`` (eq. 8), in the query's head layout."""
-        ak, av = self.key_value(module)
+        ak, av = self.key_value(module, query.dtype)
         groups = query.shape[1] // ak.shape[0]
         ak = ak.repeat_interleave(groups, dim=0).to(query.dtype)  # same head grouping as repeat_kv
         av = av.repeat_interleave(groups, dim=0).to(query.dtype)
@@ -91,15 +93,21 @@ class AdaptionPrompt(AttentionState):
 register_attention_slot(ADAPTION, AdaptionPrompt)
 
 
-def prompt_key_value(module: nn.Module, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_key_value(
+    module: nn.Module, prompt: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of ``prompt`` (``K x hidden``) by the attention module's own projections, no RoPE.
+
+    The fp32 prompt enters the projections in ``dtype``, the dtype the layer's hidden states have (the
+    query's): on a bf16 base outside autocast (``bf16-true``, or a call after ``fit``) the frozen bf16
+    projections take bf16 inputs only. The cast is differentiable: the gradient reaches the fp32 prompt.
 
     Knows the three layouts of the interface's architectures: separate ``k_proj``/``v_proj`` (Llama,
     Mistral, Qwen2/3, Gemma; Qwen3's ``k_norm`` applied), fused ``c_attn`` (GPT-2) and fused
     ``qkv_proj`` (Phi3).
     """
     head_dim = module.head_dim
-    x = prompt[None]
+    x = prompt[None] if dtype is None else prompt[None].to(dtype)
     if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
         k, v = module.k_proj(x), module.v_proj(x)
     elif hasattr(module, "c_attn") and hasattr(module, "split_size"):  # GPT-2
@@ -212,8 +220,10 @@ class BiasScaleLinear(nn.Module, PeftLayer):
         self.base_layer = base_layer
         w = base_layer.weight
         out_features = w.shape[1] if isinstance(base_layer, Conv1D) else w.shape[0]
-        self.adapter_bias = nn.Parameter(torch.zeros(out_features, device=w.device))
-        self.adapter_scale = nn.Parameter(torch.ones(out_features, device=w.device))
+        # fp32 whatever the base's dtype (a bf16 scale near 1 moves only in steps of 2^-8)
+        f = {"device": w.device, "dtype": torch.float32}
+        self.adapter_bias = nn.Parameter(torch.zeros(out_features, **f))
+        self.adapter_scale = nn.Parameter(torch.ones(out_features, **f))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -297,10 +307,8 @@ class LlamaAdapterV2(LlamaAdapter):
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Fold bias/scale and tuned norms into the base; remove the prompts; return a plain HF model."""
         for name, module in list(model.named_modules()):
-            if isinstance(module, BiasScaleLinear):
+            if isinstance(module, (BiasScaleLinear, TrainableNorm)):  # each merged into a plain layer
                 replace_module(model, name, module.merged())
-            elif isinstance(module, TrainableNorm):
-                replace_module(model, name, module.trained)
         for m in attention_modules(model):
             detach(m, ADAPTION)
         restore_attention(model)

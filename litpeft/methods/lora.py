@@ -10,6 +10,11 @@ adapted weight into a trainable magnitude ``m`` and a direction::
 
     W' = m * (W + s B A) / ||W + s B A||_c        (||.||_c: norm of each output row, detached)
 
+With dropout, DoRA trains peft's function: the dropped input feeds the magnitude term too,
+``W x + (m/||.||_c - 1) W drop(x) + m/||.||_c s B A drop(x)`` (in eval mode: ``W' x``).
+:meth:`LoRALinear.merge` / :meth:`LoRALinear.unmerge` fold the update into the base weight in place and
+back; :meth:`LoRA.merge` (``litpeft merge``) uses it.
+
 QLoRA (Dettmers et al. 2023) is this method on a quantized base (``model.quantize``). Layers hold
 ``lora_A`` / ``lora_B`` as ``nn.Linear`` and the wrapped layer as ``base_layer``, so parameter names
 are Hugging Face peft's and export is a rename of the prefix only.
@@ -21,10 +26,12 @@ import math
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from litpeft.errors import LitPeftError
 from litpeft.methods.base import Dropout, PeftLayer, PeftMethod, find_targets, replace_module
 from litpeft.quantize import plain_layer
 from litpeft.speedups import SPEEDUPS
@@ -49,8 +56,10 @@ class LoRALinear(nn.Module, PeftLayer):
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         out_features, in_features = self._base_weight().shape
         w = base_layer.weight
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=w.device)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=w.device)
+        # fp32 whatever the base's dtype (master weights; the forward casts at the edges)
+        f = {"device": w.device, "dtype": torch.float32}
+        self.lora_A = nn.Linear(in_features, r, bias=False, **f)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **f)
         self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
@@ -91,6 +100,8 @@ class LoRALinear(nn.Module, PeftLayer):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and self.disabled:
+            self.unmerge()  # the base model was asked for (peft does the same)
         if self.disabled or self.merged:
             return self.base_layer(x)
         a = self.lora_A.weight
@@ -103,9 +114,11 @@ class LoRALinear(nn.Module, PeftLayer):
             # One cast of the input, shared by the base layer and the LoRA branch (autocast would cast
             # it for each of them, and an fp32 LoRA weight would first pull a bf16 input back to fp32).
             x = x.to(torch.get_autocast_dtype(x.device.type))
-            result, h = self.base_layer(x), self.lora_A(self.lora_dropout(x))
+            result, dropped = self.base_layer(x), self.lora_dropout(x)
+            h = self.lora_A(dropped)
         else:
-            result, h = self.base_layer(x), self.lora_A(self.lora_dropout(x).to(a.dtype))
+            result, dropped = self.base_layer(x), self.lora_dropout(x)
+            h = self.lora_A(dropped.to(a.dtype))
         # Scaling the rank-r activations, not the output, is the same product at a fraction of the cost.
         lora = self.lora_B(h * self.scaling)
         if self.lora_magnitude_vector is None:
@@ -113,19 +126,68 @@ class LoRALinear(nn.Module, PeftLayer):
         # DoRA: m/||W + sBA|| rescales the base output (bias excluded) and the LoRA branch alike.
         weight = self._base_weight().to(a.dtype) + self.delta_weight()
         scale = (self.lora_magnitude_vector / self._column_norm(weight).detach()).to(result.dtype)
-        bias = self.base_layer.bias
-        base_out = result - bias if bias is not None else result
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            # With dropout, the magnitude term sees the dropped input as the LoRA branch does, as in
+            # peft's DoRA: W x + (scale - 1) W drop(x) + scale s B A drop(x).
+            base_weight = self._base_weight()
+            base_out = F.linear(dropped.to(base_weight.dtype), base_weight).to(result.dtype)
+        else:
+            bias = self.base_layer.bias
+            base_out = result - bias if bias is not None else result
         return result + (scale - 1) * base_out + scale * lora.to(result.dtype)
+
+    def _merged_out_in(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``W + s B A`` in fp32, (out, in), and DoRA's row factor ``m / ||W + s B A||`` (else None)."""
+        weight = self._base_weight().float() + self.delta_weight().float()
+        if self.lora_magnitude_vector is None:
+            return weight, None
+        return weight, self.lora_magnitude_vector.float() / self._column_norm(weight)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the adapter folded in, in the base layer's own layout and dtype."""
         base = self._base_weight()
-        weight = base.float() + self.delta_weight().float()
-        if self.lora_magnitude_vector is not None:
-            weight = weight * (self.lora_magnitude_vector.float() / self._column_norm(weight))[:, None]
+        weight, factor = self._merged_out_in()
+        if factor is not None:
+            weight = weight * factor[:, None]
         weight = weight.T if self.fan_in_fan_out else weight
         return weight.to(base.dtype if base.is_floating_point() else torch.float32)
+
+    def can_merge_in_place(self) -> bool:
+        """Whether :meth:`merge` can write into the base weight: a float ``nn.Linear`` or ``Conv1D``."""
+        return type(self.base_layer) in (nn.Linear, Conv1D) and self.base_layer.weight.is_floating_point()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``base_layer``'s weight in place; the layer then computes as the base
+        layer alone (one matmul) until :meth:`unmerge`. A quantized base cannot take the merged weight:
+        :meth:`LoRA.merge` replaces such a layer by a plain one."""
+        if self.merged:
+            return
+        if not self.can_merge_in_place():
+            raise LitPeftError(
+                f"LoRA merges in place into a float nn.Linear or Conv1D only, not {type(self.base_layer).__name__} "
+                f"with {self.base_layer.weight.dtype} weights; use LoRA.merge(model)"
+            )
+        weight, factor = self._merged_out_in()
+        if factor is not None:
+            weight = weight * factor[:, None]
+            self._dora_factor = factor  # unmerge divides by it (m may change while merged)
+        self.base_layer.weight.copy_(weight.T if self.fan_in_fan_out else weight)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge`: the base weight back (up to rounding in its dtype), the adapter separate."""
+        if not self.merged:
+            return
+        weight = self._base_weight().float()
+        if self.lora_magnitude_vector is not None:
+            weight = weight / self._dora_factor[:, None]
+            del self._dora_factor
+        weight = weight - self.delta_weight().float()
+        self.base_layer.weight.copy_(weight.T if self.fan_in_fan_out else weight)
+        self.merged = False
 
 
 class LoRA(PeftMethod):
@@ -185,13 +247,12 @@ class LoRA(PeftMethod):
         for name, module in list(model.named_modules()):
             if isinstance(module, LoRALinear):
                 base = module.base_layer
-                weight = module.merged_weight()
-                # a subclass (e.g. litpeft.quantize.QuantizedLinear) is replaced by a plain layer
-                if base.weight.dtype != weight.dtype or type(base) not in (nn.Linear, Conv1D):
+                if module.can_merge_in_place():
+                    module.merge()
+                else:  # a subclass (e.g. litpeft.quantize.QuantizedLinear) is replaced by a plain layer
+                    weight = module.merged_weight()
                     out_in = weight.T if module.fan_in_fan_out else weight
                     base = plain_layer(base, out_in, getattr(base, "bias", None))
-                else:
-                    base.weight.data.copy_(weight)
                 replace_module(model, name, base)
         model.requires_grad_(False)
         return model
@@ -233,7 +294,7 @@ class LoRA(PeftMethod):
         tensors = {}
         for k, v in state.items():
             # Biases keep their names: peft also saves a wrapped layer's bias as ``<layer>.base_layer.bias``.
-            if k.endswith("lora_magnitude_vector"):
-                k += ".weight"
+            # DoRA's magnitude too: ``<layer>.lora_magnitude_vector``, the key peft's own
+            # ``get_peft_model_state_dict`` writes (its module's ``.weight`` suffix dropped).
             tensors["base_model.model." + k] = v
         return config, tensors

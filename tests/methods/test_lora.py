@@ -208,3 +208,132 @@ def test_dropout_masks_replay_under_gradient_checkpointing(arch: str) -> None:
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.allclose(plain[n], no_dropout[n]) for n in plain if "lora_A" in n)
+
+
+class _FixedDropout(torch.nn.Module):
+    """Dropout with a mask fixed by ``seed`` (the same in litpeft's and peft's layer of the same name)."""
+
+    def __init__(self, seed: int, p: float = 0.3) -> None:
+        super().__init__()
+        self.seed, self.p = seed, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        keep = (torch.rand(x.shape, generator=g) >= self.p).to(x.dtype)
+        return x * keep / (1 - self.p)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_with_dropout_in_train_mode_equals_peft(arch: str) -> None:
+    """peft's DoRA applies the dropout to x in the magnitude term too (W x + (m/||W'|| - 1) W drop(x) +
+    m/||W'|| s B A drop(x)): with the same weights and the same masks, the same outputs and gradients."""
+    from peft.tuners.lora import LoraLayer
+
+    base = load_model(f"tiny:{arch}")
+    ours = LoRA(r=4, alpha=12, use_dora=True, dropout=0.3).apply(copy.deepcopy(base)).eval()
+    _randomize_lora(ours)
+    config = LoraConfig(r=4, lora_alpha=12, target_modules="all-linear", use_dora=True, lora_dropout=0.3)
+    theirs = get_peft_model(copy.deepcopy(base), config).eval()
+    theirs_params = dict(theirs.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("lora_magnitude_vector"):
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            if p.requires_grad:
+                key = name.replace("lora_A.weight", "lora_A.default.weight").replace(
+                    "lora_B.weight", "lora_B.default.weight"
+                )
+                key = key.replace("lora_magnitude_vector", "lora_magnitude_vector.default.weight")
+                theirs_params["base_model.model." + key].copy_(p)
+    theirs_layers = dict(theirs.base_model.model.named_modules())
+    for seed, (name, layer) in enumerate(
+        (n, m) for n, m in ours.named_modules() if isinstance(m, LoRALinear)
+    ):
+        peft_layer = theirs_layers[name]
+        assert isinstance(peft_layer, LoraLayer)
+        layer.lora_dropout = _FixedDropout(seed)
+        peft_layer.lora_dropout["default"] = _FixedDropout(seed)
+        layer.train()  # the adapted layers only: the base's own dropout (GPT-2) stays off
+        peft_layer.train()
+    x = _inputs()
+    out_ours, out_theirs = ours(x).logits, theirs(x).logits
+    assert not torch.allclose(out_ours, ours.eval()(x).logits, atol=1e-4)  # the masks do change the output
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+    out_ours.pow(2).mean().backward()
+    out_theirs.pow(2).mean().backward()
+    for name, p in ours.named_parameters():
+        if name.endswith("lora_magnitude_vector"):
+            ref = theirs_params[f"base_model.model.{name}.default.weight"].grad
+            torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs",
+    [
+        ("llama", {"use_dora": True}),
+        ("gpt2", {"use_dora": True, "bias": "all"}),
+        ("qwen2", {"bias": "lora_only"}),
+    ],
+)
+def test_peft_export_keys_are_the_ones_peft_saves(arch: str, kwargs: dict) -> None:
+    """``to_peft`` names each tensor as peft's own ``get_peft_model_state_dict`` does (DoRA's magnitude:
+    ``<layer>.lora_magnitude_vector``, without ``.weight``)."""
+    from peft import get_peft_model_state_dict
+
+    base = load_model(f"tiny:{arch}")
+    method = LoRA(r=4, **kwargs)
+    ours = method.apply(copy.deepcopy(base))
+    config, tensors = method.to_peft(ours, method.adapter_state_dict(ours))
+    peft_config = {k: config[k] for k in ("r", "lora_alpha", "target_modules", "use_dora", "bias")}
+    theirs = get_peft_model(
+        copy.deepcopy(base), LoraConfig(**peft_config, fan_in_fan_out=config["fan_in_fan_out"])
+    )
+    expected = get_peft_model_state_dict(theirs)
+    assert set(tensors) == set(expected)
+    assert all(tensors[k].shape == v.shape for k, v in expected.items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_in_place_merge_and_unmerge(arch: str, use_dora: bool) -> None:
+    """``LoRALinear.merge`` folds the adapter into the base weight (same outputs, one matmul);
+    ``unmerge`` gives the base weights back within fp32 rounding and the same outputs again; the base
+    model while merged (``adapters_disabled``) is the base model."""
+    base = load_model(f"tiny:{arch}")
+    model = LoRA(r=4, alpha=8, use_dora=use_dora).apply(copy.deepcopy(base)).eval()
+    _randomize_lora(model)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    weights = [m.base_layer.weight.detach().clone() for m in layers]
+    x = _inputs()
+    with torch.no_grad():
+        before = model(x).logits
+        for m in layers:
+            m.merge()
+            m.merge()  # idempotent
+        assert all(m.merged for m in layers)
+        assert not torch.equal(layers[0].base_layer.weight, weights[0])
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+        for m in layers:
+            m.unmerge()
+        assert not any(m.merged for m in layers)
+        for m, w in zip(layers, weights, strict=True):
+            torch.testing.assert_close(m.base_layer.weight, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+        for m in layers:
+            m.merge()
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(x).logits, base(x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_merge_refuses_a_quantized_base() -> None:
+    from litpeft.quantize import quantize_model
+
+    model = load_model("tiny:llama")
+    quantize_model(model, "nf4")
+    LoRA(r=4, target_modules=["q_proj"]).apply(model)
+    layer = next(m for m in model.modules() if isinstance(m, LoRALinear))
+    assert not layer.can_merge_in_place()
+    with pytest.raises(LitPeftError, match="merges in place into a float"):
+        layer.merge()
