@@ -138,7 +138,9 @@ def _insertions(blocks: list[Block], ids: list[int], sources: list[list[int]]) -
                 raise LitPeftError(
                     f"{block.label} (token ids {list(block.marker)}) not found in every sequence of the batch"
                 )
-            hits = hits[:1] if block.occurrence == "first" else hits[-1:] if block.occurrence == "last" else hits
+            hits = (
+                hits[:1] if block.occurrence == "first" else hits[-1:] if block.occurrence == "last" else hits
+            )
             points = [h + len(block.marker) if block.after else h for h in hits]
         for p in points:
             out[p] += src
@@ -176,7 +178,9 @@ def layout(
         raise LitPeftError("a P-tuning template with texts needs input_ids, not inputs_embeds")
     ids_rows = input_ids.tolist() if needs_ids else None
     real_rows = mask.tolist() if mask is not None else [[1] * length] * batch
-    pos_rows = positions.expand(batch, -1).tolist() if positions is not None else [list(range(length))] * batch
+    pos_rows = (
+        positions.expand(batch, -1).tolist() if positions is not None else [list(range(length))] * batch
+    )
     rows = []
     for r in range(batch):
         real, pos = real_rows[r], pos_rows[r]

@@ -147,9 +147,7 @@ class VirtualTokens(nn.Module, PeftLayer):
             self._calls[id(kw)] = _Call(None)
             return (), kw
 
-        lay = layout(
-            self.blocks, n, input_ids, mask, pos, batch, length, self.max_positions, embeds.device
-        )
+        lay = layout(self.blocks, n, input_ids, mask, pos, batch, length, self.max_positions, embeds.device)
         anchors = embeds.new_zeros(0, embeds.shape[-1])
         if self.anchor_ids:
             ids = torch.tensor(self.anchor_ids, dtype=torch.long, device=embeds.device)
@@ -189,7 +187,9 @@ class VirtualTokens(nn.Module, PeftLayer):
             kw["position_ids"] = pos + gen.shift[:, None].to(pos.dtype)
         elif not self.prefix_only:  # the first call numbered each row itself
             start = gen.length + past - gen.width
-            kw["position_ids"] = torch.arange(start, start + current, device=tokens.device) + gen.shift[:, None]
+            kw["position_ids"] = (
+                torch.arange(start, start + current, device=tokens.device) + gen.shift[:, None]
+            )
 
     def _post_hook(self, backbone: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
         call = self._calls.pop(id(kwargs), None)

@@ -33,7 +33,11 @@ N = 6
 
 def template_method(template: list | None = None, **kw) -> PTuning:
     return PTuning(
-        num_virtual_tokens=N, placement="template", template=template or TEMPLATE, tokenizer="tiny:llama", **kw
+        num_virtual_tokens=N,
+        placement="template",
+        template=template or TEMPLATE,
+        tokenizer="tiny:llama",
+        **kw,
     )
 
 
@@ -137,7 +141,10 @@ def test_an_optional_block_is_left_out_where_its_text_is_missing(tok):
     template = [{"tokens": 2}, {"tokens": 2, "after": "### Input:\n", "required": False}]
     method = PTuning(num_virtual_tokens=4, placement="template", template=template, tokenizer="tiny:llama")
     model = wrapped("llama", tok, method)
-    texts = ["### Instruction:\nAdd\n\n### Input:\n2 2\n\n### Response:\n4", "### Instruction:\nHi\n\n### Response:\n"]
+    texts = [
+        "### Instruction:\nAdd\n\n### Input:\n2 2\n\n### Response:\n4",
+        "### Instruction:\nHi\n\n### Response:\n",
+    ]
     helpers.assert_padded_rows_equal_rows_alone(model, tok, texts, "right")
     strict = [{"tokens": 2}, {"tokens": 2, "after": "### Input:\n"}]
     method = PTuning(num_virtual_tokens=4, placement="template", template=strict, tokenizer="tiny:llama")
@@ -194,7 +201,9 @@ def test_bad_templates():
     with pytest.raises(LitPeftError, match="non-empty template"):
         PTuning(placement="template")
     with pytest.raises(LitPeftError, match="not both"):
-        PTuning(num_virtual_tokens=1, placement="template", template=[{"tokens": 1, "after": "a", "before": "b"}])
+        PTuning(
+            num_virtual_tokens=1, placement="template", template=[{"tokens": 1, "after": "a", "before": "b"}]
+        )
     with pytest.raises(LitPeftError, match="inserts nothing"):
         PTuning(num_virtual_tokens=1, placement="template", template=[{"tokens": 1}, {"after": "a"}])
     with pytest.raises(LitPeftError, match="keys among"):

@@ -22,7 +22,9 @@ METHODS = {
 }
 
 
-def fit_one_step(tmp_path: Path, method: PeftMethod, precision: str) -> tuple[PeftLM, dict[str, torch.Tensor]]:
+def fit_one_step(
+    tmp_path: Path, method: PeftMethod, precision: str
+) -> tuple[PeftLM, dict[str, torch.Tensor]]:
     """One AdamW step (lr 1e-4) of ``method`` on ``tiny:llama`` under ``precision``; the trainables before."""
     rows = [{"instruction": f"Say {w}.", "output": w} for w in ["alpha", "gamma", "delta", "omega"]]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
