@@ -141,7 +141,7 @@ class PromptTuning(PeftMethod):
 
 
 class PTuning(PeftMethod):
-    """P-tuning (Liu et al. 2021): virtual tokens produced by a trainable prompt encoder.
+    r"""P-tuning (Liu et al. 2021): virtual tokens produced by a trainable prompt encoder.
 
     The encoder (one for all the virtual tokens, as the paper's) maps ``N`` trainable inputs to the
     ``N`` virtual tokens; ``placement`` says where they go:
