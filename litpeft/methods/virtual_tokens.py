@@ -168,7 +168,7 @@ class VirtualTokens(nn.Module, PeftLayer):
     def _cached_step(self, kw: dict[str, Any], past: int) -> None:
         """Extend the mask and shift the positions as the first call did (its layout is in the cache)."""
         mask, pos = kw.get("attention_mask"), kw.get("position_ids")
-        tokens = kw.get("input_ids", kw.get("inputs_embeds"))
+        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
         batch, current = tokens.shape[:2]
         gen = self._generation
         if gen is None or len(gen.shift) != batch:
