@@ -92,7 +92,9 @@ def pack_batch(
     borders from the restarts and keeps attention inside each sample (a block-diagonal causal mask for
     eager/SDPA/flex attention, variable-length kernels for flash attention). The first token of every
     sample gets label -100, so the last token of one sample is never trained to predict the next sample.
-    The padding at the end of a row is a sample of its own, with no loss.
+    The padding at the end of a row continues the last sample's positions, with no loss: causal attention
+    keeps every real token from seeing it, and a row holds only real samples (methods that insert tokens
+    before every sample, such as prompt tuning, need find no sample made of padding).
     """
     length = max(sum(len(s["input_ids"]) for s in row) for row in rows)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
@@ -110,7 +112,8 @@ def pack_batch(
             batch["labels"][i, at] = IGNORE_INDEX
             batch["position_ids"][i, at : at + n] = torch.arange(n)
             at += n
-        batch["position_ids"][i, at:] = torch.arange(length - at)
+        last = len(row[-1]["input_ids"]) if row else 0
+        batch["position_ids"][i, at:] = torch.arange(last, last + length - at)
     return batch
 
 

@@ -3,7 +3,8 @@
 Prompt tuning (Lester et al. 2021, arXiv 2104.08691) learns ``N`` virtual token embeddings ``P`` and feeds
 ``[P; E(x)]`` to the frozen model (section 2). P-tuning (Liu et al. 2021, arXiv 2103.10385) produces the
 virtual tokens with a prompt encoder, ``P = MLP(BiLSTM(e))`` over trainable inputs ``e`` (section 3.2), and
-places them by a template; ``[P_0:i] x [P_i:N] y`` splits them around the input.
+places them by a template, ``[P_0:i] x [P_i+1:j] y ...``: blocks of virtual tokens and anchor tokens
+interleaved with the parts of the prompt style's text.
 
 Both insert their virtual tokens through one mechanism, :class:`~litpeft.methods.virtual_tokens.VirtualTokens`
 (hooks on the decoder backbone; see :mod:`litpeft.methods.virtual_tokens` for the layout, positions and
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel
 from litpeft.errors import LitPeftError
 from litpeft.methods.base import PeftMethod, refuse
 from litpeft.methods.layout import attach, attached, decoder_backbone, hidden_size, max_positions, text_config
+from litpeft.methods.template import Block, PromptBlock, check_template
 from litpeft.methods.virtual_tokens import PromptEmbedding, PTuningEncoder
 from litpeft.models import load_tokenizer
 
@@ -119,9 +121,7 @@ class PromptTuning(PeftMethod):
                 )
             ids = (ids * math.ceil(n / len(ids)))[:n]
             weight = table[torch.tensor(ids, device=table.device)].detach().float()
-        attach(model, ENCODER, PromptEmbedding(n, hidden, max_positions, weight.to(table.dtype))).hook_into(
-            backbone
-        )
+        attach(model, ENCODER, PromptEmbedding(n, hidden, max_positions, weight)).hook_into(backbone)
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]
@@ -141,20 +141,42 @@ class PromptTuning(PeftMethod):
 
 
 class PTuning(PeftMethod):
-    """P-tuning (Liu et al. 2021): virtual tokens produced by a trainable prompt encoder.
+    r"""P-tuning (Liu et al. 2021): virtual tokens produced by a trainable prompt encoder.
+
+    The encoder (one for all the virtual tokens, as the paper's) maps ``N`` trainable inputs to the
+    ``N`` virtual tokens; ``placement`` says where they go:
+
+    - ``prefix``: all before the input (peft's P-tuning).
+    - ``split``: ``num_before`` before the input, the rest after the last ``split_marker`` (the paper's
+      ``[P_0:i] x [P_i:N] y``).
+    - ``template``: the paper's template in full, ``[P_0:i] x [P_i+1:j] y ...`` with anchors: a list of
+      blocks (:class:`~litpeft.methods.template.PromptBlock`), each ``tokens`` virtual tokens and an
+      optional ``anchor`` text (real tokens, e.g. the paper's ``"?"`` on RTE) at the sample's start or
+      ``after``/``before`` a text of the prompt style, e.g. for the Alpaca style::
+
+          template:
+            - {tokens: 4}                                  # before the sample
+            - {tokens: 4, after: "### Instruction:\n"}     # before the instruction x
+            - {tokens: 4, anchor: "?", before: "\n\n### Response:\n"}   # after it, then an anchor
+            - {tokens: 4, after: "### Response:\n"}        # before the response y
+
+      A text goes through the tokenizer alone, so it must tokenize the same inside the prompt (end it at
+      a segment border such as a newline or a special token).
+
+    The virtual tokens go before every sample of a packed row, with positions restarting per sample.
 
     Args:
-        num_virtual_tokens: number of virtual tokens ``N``.
+        num_virtual_tokens: number of virtual tokens ``N`` (with a template: the sum of its ``tokens``).
         encoder: ``lstm`` (bidirectional LSTM + 2-layer MLP, as the paper) or ``mlp`` (3-layer MLP).
         encoder_hidden_size: hidden size ``H`` of the encoder; default the model's hidden size.
         encoder_num_layers: LSTM layers (``lstm`` only).
         encoder_dropout: dropout between LSTM layers.
-        placement: ``prefix`` (all before the input) or ``split`` (the paper's ``[P_0:i] x [P_i:N] y``:
-            ``num_before`` tokens before the input, the rest after the last ``split_marker``).
+        placement: ``prefix``, ``split`` or ``template`` (above).
         num_before: virtual tokens before the input with ``placement: split``.
         split_marker: text after whose last occurrence the second block goes, e.g. the assistant header
-            ``"<|im_start|>assistant\\n"`` so that it sits between prompt and response.
-        tokenizer: model spec whose tokenizer tokenizes ``split_marker``; default the base model's own.
+            ``"<|im_start|>assistant\n"`` so that it sits between prompt and response.
+        template: the blocks of ``placement: template``.
+        tokenizer: model spec whose tokenizer tokenizes the texts; default the base model's own.
     """
 
     name = "p_tuning"
@@ -170,9 +192,10 @@ class PTuning(PeftMethod):
         encoder_hidden_size: int | None = None,
         encoder_num_layers: int = 2,
         encoder_dropout: float = 0.0,
-        placement: Literal["prefix", "split"] = "prefix",
+        placement: Literal["prefix", "split", "template"] = "prefix",
         num_before: int | None = None,
         split_marker: str | None = None,
+        template: list[PromptBlock] | None = None,
         tokenizer: str | None = None,
     ) -> None:
         _check_num_virtual_tokens(num_virtual_tokens)
@@ -182,8 +205,8 @@ class PTuning(PeftMethod):
             raise LitPeftError(f"encoder_hidden_size must be positive, got {encoder_hidden_size}")
         if encoder_num_layers <= 0:
             raise LitPeftError(f"encoder_num_layers must be positive, got {encoder_num_layers}")
-        if placement not in ("prefix", "split"):
-            raise LitPeftError(f"placement must be prefix or split, got {placement!r}")
+        if placement not in ("prefix", "split", "template"):
+            raise LitPeftError(f"placement must be prefix, split or template, got {placement!r}")
         if placement == "split":
             if not split_marker:
                 raise LitPeftError(
@@ -194,21 +217,61 @@ class PTuning(PeftMethod):
                     f"placement='split' needs num_before in [0, num_virtual_tokens={num_virtual_tokens}), "
                     f"got {num_before}"
                 )
+        if placement == "template":
+            check_template(template or [], num_virtual_tokens)
+            template = [dict(block) for block in template or []]  # plain dicts: saved as YAML as they are
+        elif template:
+            raise LitPeftError(f"template is used with placement='template' only, not {placement!r}")
         self.num_virtual_tokens, self.encoder = num_virtual_tokens, encoder
         self.encoder_hidden_size, self.encoder_num_layers = encoder_hidden_size, encoder_num_layers
         self.encoder_dropout, self.placement, self.num_before = encoder_dropout, placement, num_before
-        self.split_marker, self.tokenizer = split_marker, tokenizer
+        self.split_marker, self.template, self.tokenizer = split_marker, template, tokenizer
+
+    def blocks(self, model: PreTrainedModel) -> tuple[list[Block], list[int]]:
+        """The placement as tokenized blocks, and the anchors' token ids."""
+        n = self.num_virtual_tokens
+        if self.placement == "prefix":
+            return [Block((0, n))], []
+        tok = _load_tokenizer(self.tokenizer, model, f"placement='{self.placement}'")
+
+        def ids(text: str, what: str) -> tuple[int, ...]:
+            out = tuple(tok(text, add_special_tokens=False)["input_ids"])
+            if not out:
+                raise LitPeftError(f"{what} tokenizes to no tokens")
+            return out
+
+        if self.placement == "split":
+            n0 = int(self.num_before or 0)
+            marker = ids(self.split_marker or "", "split_marker")
+            second = Block((n0, n), marker=marker, occurrence="last", label="split_marker")
+            return ([Block((0, n0))] if n0 else []) + [second], []
+        blocks, anchors, at = [], [], 0
+        for i, b in enumerate(self.template or []):
+            text = b.get("after") if b.get("after") is not None else b.get("before")
+            label = f"template block {i} ({'after' if b.get('after') is not None else 'before'} {text!r})"
+            marker = ids(text, label) if text is not None else ()
+            anchor = list(ids(b["anchor"], f"template block {i}'s anchor")) if b.get("anchor") else []
+            tokens = b.get("tokens", 0)
+            blocks.append(
+                Block(
+                    (at, at + tokens),
+                    (len(anchors), len(anchors) + len(anchor)),
+                    marker,
+                    after=b.get("after") is not None,
+                    occurrence=b.get("occurrence", "every"),
+                    required=b.get("required", True),
+                    label=label,
+                )
+            )
+            anchors += anchor
+            at += tokens
+        return blocks, anchors
 
     def inject(self, model: PreTrainedModel) -> None:
         backbone, hidden, max_positions = _check_model(model, "P-tuning")
         n = self.num_virtual_tokens
         _check_num_virtual_tokens(n, max_positions)
-        marker_ids = None
-        if self.placement == "split":
-            tok = _load_tokenizer(self.tokenizer, model, "placement='split'")
-            marker_ids = tok(self.split_marker, add_special_tokens=False)["input_ids"]
-            if not marker_ids:
-                raise LitPeftError("split_marker tokenizes to no tokens")
+        blocks, anchors = self.blocks(model)
         w = backbone.get_input_embeddings().weight
         encoder = PTuningEncoder(
             n,
@@ -218,16 +281,18 @@ class PTuning(PeftMethod):
             self.encoder_hidden_size or hidden,
             self.encoder_num_layers,
             self.encoder_dropout,
-            n if self.placement == "prefix" else int(self.num_before or 0),
-            marker_ids,
+            blocks,
+            anchors,
             w.device,
-            w.dtype,
         )
         attach(model, ENCODER, encoder).hook_into(backbone)
 
     def peft_refusal(self) -> str | None:
         if self.placement != "prefix":
-            return "P-tuning with placement='split' has no peft equivalent (peft only prepends)"
+            return (
+                f"P-tuning with placement='{self.placement}' has no peft equivalent "
+                "(peft's P-tuning only prepends its virtual tokens)"
+            )
         return super().peft_refusal()
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

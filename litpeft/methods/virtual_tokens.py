@@ -7,13 +7,17 @@ LM head, the loss (:func:`litpeft.loss.answer_logits` calls the whole model, who
 and ``generate`` therefore all see the original sequence length. With the KV cache the virtual tokens are
 processed once, at the first step; later steps only extend the mask and shift the positions.
 
-Positions: the model sees the virtual tokens as the first ``N`` tokens of the sequence. Without explicit
-``position_ids`` the backbone numbers the extended sequence ``0..N+L-1`` (as Hugging Face peft does); with
-``position_ids`` (``generate`` derives them from the attention mask) real tokens are shifted by the number of
-virtual tokens before them, so a left-padded row gives the same result as the row alone.
+Placement: all ``N`` before the input (prompt tuning, Lester et al. 2021, arXiv 2104.08691, sec. 2), or by
+P-tuning's template ``[P_0:i] x [P_i+1:j] y ...`` (Liu et al. 2021, arXiv 2103.10385, sec. 3.2), whose
+blocks and anchors go at points of the prompt style's text (:mod:`litpeft.methods.template`).
 
-Placement: all ``N`` before the input (prompt tuning, Lester et al. 2021, arXiv 2104.08691, sec. 2), or split
-around a marker as P-tuning's template ``[P_0:i] x [P_i:N] y`` (Liu et al. 2021, arXiv 2103.10385, sec. 3.2).
+Positions: each sample sees its inserted tokens as part of its own sequence. Prepended tokens without
+``position_ids``: the backbone numbers the extended sequence ``0..N+L-1`` (as Hugging Face peft does);
+with ``position_ids`` (``generate`` derives them from the attention mask) real tokens are shifted by the
+number of tokens inserted before them, so a left-padded row gives the same result as the row alone.
+Packing: a row whose position ids restart (several samples, no mask) gets the virtual tokens before every
+sample, each sample numbered from its own start, so transformers still finds the samples' borders from
+the restarts and each packed sample gets the logits it gets alone.
 """
 
 from __future__ import annotations
@@ -27,33 +31,48 @@ from torch import nn
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.base import PeftLayer
+from litpeft.methods.template import Block, is_prefix, layout
 
 
 @dataclass(frozen=True)
 class _Call:
-    """What the forward hook of one backbone call needs to strip the virtual positions from its output."""
+    """What the forward hook of one backbone call needs to strip the inserted positions from its output."""
 
-    length: int  # real tokens in the input
-    points: torch.Tensor | None  # per row, where the second block went (split placement), else None
+    real_index: torch.Tensor | None  # (batch, length): where each real token went; None: after N prepended
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """The first (uncached) call's layout, for the cached steps of the same generation."""
+
+    length: int  # real tokens of the first call
+    width: int  # its extended length (what the cache holds before the generated tokens)
+    mask: torch.Tensor | None  # its extended attention mask
+    shift: torch.Tensor  # (batch,) tokens inserted before the generated ones, per row
 
 
 class VirtualTokens(nn.Module, PeftLayer):
     """Inserts ``num_virtual_tokens`` embeddings into the backbone's input; subclasses compute them.
 
-    ``num_before`` of them go before the input; the rest (``placement="split"``) go right after the last
-    occurrence of ``split_marker_ids`` in each row (e.g. the assistant header, so they sit between the
-    prompt ``x`` and the response ``y`` in training and at the end of the prompt in generation).
+    ``blocks`` (:class:`~litpeft.methods.template.Block`) say where: all before the input (prompt
+    tuning), or P-tuning's template. ``anchor_ids`` are the template's anchor tokens, embedded by the
+    model's own (frozen) input embeddings.
     """
 
     def __init__(
-        self, num_virtual_tokens: int, num_before: int, split_marker_ids: list[int] | None, max_positions: int
+        self,
+        num_virtual_tokens: int,
+        blocks: list[Block],
+        max_positions: int,
+        anchor_ids: list[int] | None = None,
     ) -> None:
         super().__init__()
-        self.num_virtual_tokens, self.num_before = num_virtual_tokens, num_before
-        self.split_marker_ids = split_marker_ids
+        self.num_virtual_tokens, self.blocks = num_virtual_tokens, blocks
+        self.anchor_ids = list(anchor_ids or [])
+        self.prefix_only = is_prefix(blocks)
         self.max_positions = max_positions
         self._calls: dict[int, _Call] = {}  # pre-hook -> forward hook of the same call, see hook_into
-        self._split_points: torch.Tensor | None = None  # per row, remembered for cached generation steps
+        self._generation: _Generation | None = None  # the layout, remembered for cached generation steps
         self._param_names: list[str] = []
 
     def virtual_tokens(self) -> torch.Tensor:
@@ -73,7 +92,7 @@ class VirtualTokens(nn.Module, PeftLayer):
         registered after this one must keep the kwargs dict it is given, or return ``None``.)
         """
         params = inspect.signature(backbone.forward).parameters
-        missing = [p for p in ("inputs_embeds", "attention_mask") if p not in params]
+        missing = [p for p in ("inputs_embeds", "attention_mask", "position_ids") if p not in params]
         if missing:
             raise LitPeftError(
                 f"soft prompts need a backbone that accepts {' and '.join(missing)}; "
@@ -96,37 +115,81 @@ class VirtualTokens(nn.Module, PeftLayer):
             raise LitPeftError(
                 f"soft prompts need a 2D attention mask (batch, length); got shape {tuple(mask.shape)}"
             )
-        n = self.num_virtual_tokens
         if past > 0:  # cached generation step: the virtual tokens are already in the cache
-            if mask is not None:
-                b = len(mask)
-                kw["attention_mask"] = self._insert(mask, mask.new_ones(b, n), self._points(b))
-            if pos is not None:
-                kw["position_ids"] = pos + n
+            self._cached_step(kw, past)
             return (), kw  # nothing to strip: no record
 
         input_ids, embeds = kw.pop("input_ids", None), kw.get("inputs_embeds")
         if embeds is None:
             embeds = backbone.get_input_embeddings()(input_ids)
         batch, length = embeds.shape[:2]
-        if length + n > self.max_positions:
-            raise LitPeftError(
-                f"num_virtual_tokens={n} plus {length} input tokens exceed the model's context of "
-                f"{self.max_positions} positions"
-            )
+        n = self.num_virtual_tokens
         virtual = self.virtual_tokens().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        points = self._find_split_points(input_ids, mask) if self.split_marker_ids else None
-        self._split_points = points
-        kw["inputs_embeds"] = self._insert(embeds, virtual, points)
-        if mask is not None:
-            kw["attention_mask"] = self._insert(mask, mask.new_ones(batch, n), points)
+        # a row of several samples (packing: no mask, position ids that restart) gets them before each
+        packed = mask is None and pos is not None and bool((pos[..., 1:] - pos[..., :-1] != 1).any())
+        if self.prefix_only and not packed:
+            if length + n > self.max_positions:
+                raise LitPeftError(
+                    f"num_virtual_tokens={n} plus {length} input tokens exceed the model's context of "
+                    f"{self.max_positions} positions"
+                )
+            kw["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
+            if mask is not None:
+                kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            if kw.get("token_type_ids") is not None:
+                tt = kw["token_type_ids"].expand(batch, -1)
+                kw["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
+            if pos is not None:
+                first = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(batch, -1)
+                kw["position_ids"] = torch.cat([first, pos.expand(batch, -1) + n], dim=1)
+            shift = torch.full((batch,), n, dtype=torch.long, device=embeds.device)
+            self._generation = _Generation(length, length + n, kw.get("attention_mask"), shift)
+            self._calls[id(kw)] = _Call(None)
+            return (), kw
+
+        lay = layout(self.blocks, n, input_ids, mask, pos, batch, length, self.max_positions, embeds.device)
+        anchors = embeds.new_zeros(0, embeds.shape[-1])
+        if self.anchor_ids:
+            ids = torch.tensor(self.anchor_ids, dtype=torch.long, device=embeds.device)
+            anchors = backbone.get_input_embeddings()(ids).to(embeds.dtype)
+        pad = embeds.new_zeros(batch, 1, embeds.shape[-1])
+        src = torch.cat([embeds, virtual, anchors.unsqueeze(0).expand(batch, -1, -1), pad], dim=1)
+        kw["inputs_embeds"] = src.gather(1, lay.order[..., None].expand(-1, -1, src.shape[-1]))
+        kw["attention_mask"] = lay.mask
+        kw["position_ids"] = lay.positions
         if kw.get("token_type_ids") is not None:
             tt = kw["token_type_ids"].expand(batch, -1)
-            kw["token_type_ids"] = self._insert(tt, tt.new_zeros(batch, n), points)
-        if pos is not None:
-            kw["position_ids"] = self._positions(pos.expand(batch, -1), points)
-        self._calls[id(kw)] = _Call(length, points)
+            tt = torch.cat([tt, tt.new_zeros(batch, src.shape[1] - length)], dim=1)
+            kw["token_type_ids"] = tt.gather(1, lay.order)
+        self._generation = _Generation(length, lay.order.shape[1], lay.mask, lay.shift)
+        self._calls[id(kw)] = _Call(lay.real_index)
         return (), kw
+
+    def _cached_step(self, kw: dict[str, Any], past: int) -> None:
+        """Extend the mask and shift the positions as the first call did (its layout is in the cache)."""
+        mask, pos = kw.get("attention_mask"), kw.get("position_ids")
+        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        batch, current = tokens.shape[:2]
+        gen = self._generation
+        if gen is None or len(gen.shift) != batch:
+            if not self.prefix_only:
+                raise LitPeftError("cached generation step without a matching first step (P-tuning template)")
+            n = self.num_virtual_tokens  # prepended: nothing else to know
+            ones = torch.ones(batch, n, dtype=torch.long, device=tokens.device)
+            gen = _Generation(0, n, ones if mask is not None else None, ones[:, 0] * n)
+        old = gen.mask
+        if mask is not None:
+            head = old if old is not None else mask.new_ones(batch, gen.width)
+            kw["attention_mask"] = torch.cat([head.to(mask.dtype), mask[:, gen.length :]], dim=1)
+        elif old is not None and not bool(old.all()):
+            kw["attention_mask"] = torch.cat([old, old.new_ones(batch, past - gen.width + current)], dim=1)
+        if pos is not None:
+            kw["position_ids"] = pos + gen.shift[:, None].to(pos.dtype)
+        elif not self.prefix_only:  # the first call numbered each row itself
+            start = gen.length + past - gen.width
+            kw["position_ids"] = (
+                torch.arange(start, start + current, device=tokens.device) + gen.shift[:, None]
+            )
 
     def _post_hook(self, backbone: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
         call = self._calls.pop(id(kwargs), None)
@@ -134,10 +197,9 @@ class VirtualTokens(nn.Module, PeftLayer):
             return output
 
         def strip(h: torch.Tensor) -> torch.Tensor:
-            if call.points is None:
+            if call.real_index is None:
                 return h[:, self.num_virtual_tokens :].contiguous()
-            idx = self._real_index(len(h), call.length, call.points, h.device)
-            return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+            return h.gather(1, call.real_index[..., None].expand(-1, -1, h.shape[-1]))
 
         if isinstance(output, tuple):
             return (strip(output[0]), *output[1:])
@@ -146,76 +208,6 @@ class VirtualTokens(nn.Module, PeftLayer):
             output.hidden_states = tuple(None if h is None else strip(h) for h in output.hidden_states)
         return output
 
-    # -- layout -------------------------------------------------------------------------------------------
-    def _points(self, batch: int) -> torch.Tensor | None:
-        if not self.split_marker_ids:
-            return None
-        if self._split_points is None or len(self._split_points) != batch:
-            raise LitPeftError("cached generation step without a matching first step (split placement)")
-        return self._split_points
-
-    def _find_split_points(self, input_ids: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """Per row: the index right after the last occurrence of the split marker among real tokens."""
-        marker = self.split_marker_ids
-        assert marker is not None
-        if input_ids is None:
-            raise LitPeftError(
-                "placement='split' needs input_ids (it looks for split_marker), not inputs_embeds"
-            )
-        m = len(marker)
-        if input_ids.shape[1] < m:
-            raise LitPeftError(f"placement='split': split_marker ({m} tokens) is longer than the input")
-        windows = input_ids.unfold(1, m, 1)  # (batch, length - m + 1, m)
-        hit = (windows == torch.tensor(marker, device=input_ids.device)).all(-1)
-        if mask is not None:
-            hit &= mask.unfold(1, m, 1).bool().all(-1)
-        if not bool(hit.any(1).all()):
-            raise LitPeftError(
-                f"placement='split': split_marker (token ids {marker}) not found in every sequence of the batch"
-            )
-        starts = torch.arange(hit.shape[1], device=hit.device).expand_as(hit)
-        return torch.where(hit, starts, -1).amax(1) + m
-
-    def _order(self, batch: int, length: int, points: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Index into ``cat([real (length), virtual (N)])`` giving the extended sequence, per row."""
-        n0, n = self.num_before, self.num_virtual_tokens
-        new = torch.arange(length + n, device=device).expand(batch, -1)
-        p = points[:, None]
-        # new position t: first block (t < n0) -> virtual t; then real tokens up to the split point;
-        # then the second block; then the remaining real tokens.
-        real_idx = torch.where(new < n0 + p, new - n0, new - n)
-        virt_idx = torch.where(new < n0, new, new - p) + length
-        is_virtual = (new < n0) | ((new >= n0 + p) & (new < n + p))
-        return torch.where(is_virtual, virt_idx, real_idx)
-
-    def _real_index(
-        self, batch: int, length: int, points: torch.Tensor, device: torch.device
-    ) -> torch.Tensor:
-        """Position of each real token in the extended sequence."""
-        j = torch.arange(length, device=device).expand(batch, -1)
-        return j + self.num_before + (self.num_virtual_tokens - self.num_before) * (j >= points[:, None])
-
-    def _insert(self, real: torch.Tensor, virtual: torch.Tensor, points: torch.Tensor | None) -> torch.Tensor:
-        if points is None:
-            return torch.cat([virtual, real], dim=1)
-        src = torch.cat([real, virtual], dim=1)
-        order = self._order(len(real), real.shape[1], points, real.device)
-        if src.ndim == 3:
-            order = order[..., None].expand(-1, -1, src.shape[-1])
-        return src.gather(1, order)
-
-    def _positions(self, pos: torch.Tensor, points: torch.Tensor | None) -> torch.Tensor:
-        """Virtual tokens continue the numbering of the token before them; real tokens shift past them."""
-        n0, n = self.num_before, self.num_virtual_tokens
-        first = torch.arange(n0, device=pos.device, dtype=pos.dtype).expand(len(pos), -1)
-        if points is None:
-            return torch.cat([first, pos + n], dim=1)
-        j = torch.arange(pos.shape[1], device=pos.device)
-        real = pos + n0 + (n - n0) * (j >= points[:, None])
-        before = pos.gather(1, (points - 1)[:, None]) + n0
-        second = before + 1 + torch.arange(n - n0, device=pos.device, dtype=pos.dtype)
-        return self._insert(real, torch.cat([first, second], dim=1), points)
-
 
 class PromptEmbedding(VirtualTokens):
     """Prompt tuning's virtual tokens: a plain ``(N, hidden)`` embedding table (peft's ``embedding``)."""
@@ -223,8 +215,9 @@ class PromptEmbedding(VirtualTokens):
     def __init__(
         self, num_virtual_tokens: int, hidden: int, max_positions: int, weight: torch.Tensor
     ) -> None:
-        super().__init__(num_virtual_tokens, num_virtual_tokens, None, max_positions)
-        self.embedding = nn.Embedding(num_virtual_tokens, hidden, device=weight.device, dtype=weight.dtype)
+        super().__init__(num_virtual_tokens, [Block((0, num_virtual_tokens))], max_positions)
+        # fp32 whatever the base's dtype (a trainable; cast to the embeddings' dtype where inserted)
+        self.embedding = nn.Embedding(num_virtual_tokens, hidden, device=weight.device, dtype=torch.float32)
         with torch.no_grad():
             self.embedding.weight.copy_(weight)
 
@@ -249,13 +242,13 @@ class PTuningEncoder(VirtualTokens):
         encoder_hidden_size: int,
         encoder_num_layers: int,
         encoder_dropout: float,
-        num_before: int,
-        split_marker_ids: list[int] | None,
+        blocks: list[Block],
+        anchor_ids: list[int],
         device: torch.device,
-        dtype: torch.dtype,
     ) -> None:
-        super().__init__(num_virtual_tokens, num_before, split_marker_ids, max_positions)
-        h, f = encoder_hidden_size, {"device": device, "dtype": dtype}
+        super().__init__(num_virtual_tokens, blocks, max_positions, anchor_ids)
+        # fp32 whatever the base's dtype (trainables; the output is cast to the embeddings' dtype)
+        h, f = encoder_hidden_size, {"device": device, "dtype": torch.float32}
         self.encoder = encoder
         self.embedding = nn.Embedding(num_virtual_tokens, hidden, **f)
         self.lstm_head: nn.LSTM | None = None

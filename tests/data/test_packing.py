@@ -70,7 +70,8 @@ def test_pack_batch_layout(tok: Any) -> None:
     c = {"input_ids": [6], "labels": [6]}
     batch = pack_batch([[a, b], [c]], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    # the padding continues the last sample (which never sees it): no sample made of padding
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     # the first token of every sample is never a target (it would be predicted from the previous sample)
     assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, -100, -100, -100, -100]]
 
