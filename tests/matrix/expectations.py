@@ -6,11 +6,6 @@ from __future__ import annotations
 import pytest
 from matrix_cells import Cell
 
-D1 = "#16 defect 1 (packing breaks prompt tuning and P-tuning): fixed on branch s16-packing"
-D2_PROMPT = (
-    "#16 defect 2 (prompt tuning/P-tuning trainables in bf16 under bf16-true, prompt.py): fixed on the branch "
-    "that owns prompt.py (s16-packing; the Houlsby and LLaMA-Adapter v2 part is merged, from s16-dtypes)"
-)
 SLIDING_PREFIX = (
     "new finding (litpeft/methods/prefix.py): on Gemma's sliding-window layers peft's prefix is a KV-cache "
     "entry that leaves the window for tokens more than sliding_window past it, while litpeft's prefix "
@@ -43,11 +38,7 @@ def known_failures(cell: Cell) -> dict[str, str]:
     if refusal(cell) is not None:
         return {}
     known: dict[str, str] = {}
-    m, p = cell.method, cell.precision
-    if m in ("prompt_tuning", "p_tuning"):
-        known["packed"] = D1
-    if p == "bf16-true" and m in ("prompt_tuning", "p_tuning"):
-        known["trainables"] = D2_PROMPT
+    m = cell.method
     if (
         cell.family in ("gemma2", "gemma3")
         and m in ("prefix_tuning", "p_tuning_v2")
