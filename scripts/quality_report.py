@@ -12,6 +12,9 @@ from typing import Any
 
 from bench.config import REPO
 
+#: what follows this line in the page is written by hand and kept when the page is rewritten
+NOTES = "<!-- notes: kept by scripts/quality.py -->"
+
 PEFT_NAMES = {
     "lora": "LoRA",
     "dora": "LoRA (use_dora)",
@@ -115,5 +118,6 @@ def write_report(results: list[dict[str, Any]], out: Path, expected: list[str]) 
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    notes = out.read_text().partition(NOTES)[2] if out.is_file() else ""
+    out.write_text("\n".join(lines) + (NOTES + notes if notes else ""))
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
