@@ -23,6 +23,7 @@ the same machine load. Results accumulate in the JSON (a rerun of a method repla
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -270,7 +271,16 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             method_args=cfg["method"]["init_args"],
             lr=cfg["optimizer"]["init_args"]["lr"],
         )
-    return {**job, **out, "total_s": time.perf_counter() - t0}
+    from quality_report import versions
+
+    finished = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {
+        **job,
+        **out,
+        "total_s": time.perf_counter() - t0,
+        "finished": finished,
+        "litpeft": versions()["litpeft"],
+    }
 
 
 # -- the driver ----------------------------------------------------------------------------------------

@@ -74,7 +74,13 @@ def write_report(results: list[dict[str, Any]], out: Path, expected: list[str]) 
     methods = [m for m in expected if ("litpeft", m) in by or ("peft", m) in by]
     missing = [m for m in expected if m not in methods]
     base = by.get(("base", None))
-    meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **machine()}
+    finished = sorted(r["finished"] for r in results if "finished" in r)
+    date = (
+        f"{finished[0]} to {finished[-1]}"
+        if finished
+        else dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    )
+    meta = {"date": date, **machine()}
     meta["versions"] = versions()
     steps = sorted({r["steps"] for r in results if r["side"] != "base"})
     limits = sorted({r["limit"] or 100 for r in results}, reverse=True)
@@ -112,9 +118,13 @@ def write_report(results: list[dict[str, Any]], out: Path, expected: list[str]) 
     v = meta["versions"]
     lines += [
         "",
-        f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores, shared with other jobs, "
+        f"Runs finished {meta['date']} on {meta['cpu']} ({meta['cores']} cores, shared with other jobs, "
         f"`nice -n 19`), {meta['os']}.",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if k != "litpeft")
+        + "; litpeft commit of each run: "
+        + ", ".join(sorted({r["litpeft"] for r in results if "litpeft" in r}))
+        + " (+ the working tree).",
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
