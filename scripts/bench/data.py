@@ -86,8 +86,8 @@ def model_spec(name: str) -> str:
     return str(target)
 
 
-def batches(spec: str, data: str, steps: int) -> list[dict[str, Any]]:
-    """The first ``steps`` training batches exactly as litpeft's data module yields them."""
+def datamodule(spec: str, data: str) -> Any:
+    """litpeft's data module over the demo files (``data``: ``demo`` or ``long``), set up for ``fit``."""
     from litpeft.data import InstructionDataModule
     from litpeft.models import load_tokenizer
 
@@ -95,9 +95,15 @@ def batches(spec: str, data: str, steps: int) -> list[dict[str, Any]]:
     dm = InstructionDataModule(train_file=train, val_file=val, batch_size=BATCH_SIZE, seed=SEED)
     dm.tokenizer = load_tokenizer(spec)
     dm.setup("fit")
+    return dm
+
+
+def batches(spec: str, data: str, steps: int) -> list[dict[str, Any]]:
+    """The first ``steps`` training batches exactly as litpeft's data module yields them."""
+    dm = datamodule(spec, data)
     out = []
     for batch in dm.train_dataloader():
         out.append(batch)
         if len(out) == steps:
             return out
-    raise SystemExit(f"only {len(out)} batches in {train}")
+    raise SystemExit(f"only {len(out)} batches in the {data} training set")

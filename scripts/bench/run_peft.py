@@ -10,8 +10,9 @@ from bench.data import batches, model_spec
 from bench.measure import StepTimer, rss_mb
 
 
-def peft_model(cfg: dict[str, Any]) -> Any:
-    """The base model of ``cfg["model"]`` with peft's counterpart of ``cfg["method"]``, in training mode."""
+def peft_model(cfg: dict[str, Any], config: tuple[str, dict[str, Any]] | None = None) -> Any:
+    """The base model of ``cfg["model"]`` with peft's counterpart of ``cfg["method"]`` (or ``config``:
+    a peft config class name and its arguments), in training mode."""
     import peft
     import torch
     from transformers import AutoModelForCausalLM
@@ -27,7 +28,7 @@ def peft_model(cfg: dict[str, Any]) -> Any:
         model = AutoModelForCausalLM.from_pretrained(
             resolve_spec(model_spec(cfg["model"])), dtype=torch.float32, local_files_only=True
         )
-    kind, kwargs = METHODS[cfg["method"]]["peft"]
+    kind, kwargs = config or METHODS[cfg["method"]]["peft"]
     model = peft.get_peft_model(model, getattr(peft, kind)(task_type="CAUSAL_LM", **kwargs))
     if cfg["precision"] == "bf16-true":
         model = model.to(torch.bfloat16)

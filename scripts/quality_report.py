@@ -1,0 +1,133 @@
+"""docs/quality.md (and its JSON) from scripts/quality.py's results: the table, the machine, the versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench.config import REPO
+
+#: what follows this line in the page is written by hand and kept when the page is rewritten
+NOTES = "<!-- notes: kept by scripts/quality.py -->"
+
+PEFT_NAMES = {
+    "lora": "LoRA",
+    "dora": "LoRA (use_dora)",
+    "prompt_tuning": "PromptTuning",
+    "p_tuning": "PromptEncoder",
+    "prefix_tuning": "PrefixTuning",
+    "p_tuning_v2": "PrefixTuning (no projection)",
+    "llama_adapter": "AdaptionPrompt",
+}
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, and the load when the page was written."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform()}
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import peft
+    import torch
+    import transformers
+
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "litpeft": commit or "unknown",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "lightning": lightning.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _em(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "-"
+    return "error" if "error" in r else f"{r['exact_match']:.2f}"
+
+
+def _secs(r: dict[str, Any] | None, key: str) -> str:
+    return "-" if r is None or key not in r else f"{r[key]:.0f}"
+
+
+def write_report(results: list[dict[str, Any]], out: Path, expected: list[str]) -> None:
+    """Write ``out`` (markdown) and ``out.with_suffix('.json')`` from ``results``."""
+    by = {(r["side"], r.get("method")): r for r in results}
+    methods = [m for m in expected if ("litpeft", m) in by or ("peft", m) in by]
+    missing = [m for m in expected if m not in methods]
+    base = by.get(("base", None))
+    finished = sorted(r["finished"] for r in results if "finished" in r)
+    date = (
+        f"{finished[0]} to {finished[-1]}"
+        if finished
+        else dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    )
+    meta = {"date": date, **machine()}
+    meta["versions"] = versions()
+    steps = sorted({r["steps"] for r in results if r["side"] != "base"})
+    limits = sorted({r["limit"] or 100 for r in results}, reverse=True)
+    lines = [
+        "# Learning quality, side by side",
+        "",
+        "Written by `scripts/quality.py` (do not edit by hand). Each method's shipped config "
+        "(`configs/<method>.yaml`: method arguments, AdamW LR, warmup-cosine schedule, clipping 1.0, "
+        "bf16-mixed) trained on the bundled demo task (date normalization, `make demo`'s) for "
+        f"{', '.join(map(str, steps)) or '-'} steps at batch 8 by litpeft (`PeftLM` + `Trainer.fit`) and, "
+        "where peft has the method, by peft (`get_peft_model`, a plain PyTorch loop) on the same batches, "
+        "LR schedule, clipping and autocast. Exact match: greedy answers to the "
+        f"{'/'.join(map(str, limits))} held-out rows, measured as `make demo` does "
+        "(`ExactMatchEvaluation`, 12 new tokens). Train s: the optimizer steps only; total s: the whole "
+        "process (model load, training, evaluation). One job at a time, sides alternating per method.",
+        "",
+    ]
+    if missing:
+        lines += [f"**Partial:** not measured in this run: {', '.join(missing)}.", ""]
+    if base is not None:
+        lines += [f"Base model (no adapter): exact match {_em(base)}.", ""]
+    lines += [
+        "| method | config LR | litpeft EM | peft EM | peft config | litpeft train s | peft train s "
+        "| litpeft total s | peft total s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        lit, pef = by.get(("litpeft", m)), by.get(("peft", m))
+        any_r = lit or pef or {}
+        lines.append(
+            f"| {m} | {any_r.get('lr', '-')} | {_em(lit)} | {_em(pef)} | "
+            f"{PEFT_NAMES.get(m, 'not in peft') if pef or m not in PEFT_NAMES else PEFT_NAMES[m]} | "
+            f"{_secs(lit, 'train_s')} | {_secs(pef, 'train_s')} | {_secs(lit, 'total_s')} | {_secs(pef, 'total_s')} |"
+        )
+    v = meta["versions"]
+    lines += [
+        "",
+        f"Runs finished {meta['date']} on {meta['cpu']} ({meta['cores']} cores, shared with other jobs, "
+        f"`nice -n 19`), {meta['os']}.",
+        "Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items() if k != "litpeft")
+        + "; litpeft commit of each run: "
+        + ", ".join(sorted({r["litpeft"] for r in results if "litpeft" in r}))
+        + " (+ the working tree).",
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    notes = out.read_text().partition(NOTES)[2] if out.is_file() else ""
+    out.write_text("\n".join(lines) + (NOTES + notes if notes else ""))
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")

@@ -1,0 +1,96 @@
+"""scripts/quality.py: both sides read the shipped configs; the page marks what is missing; and the shipped
+configs of the methods that add keys/values to attention do not wreck the base model before training."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
+_spec = importlib.util.spec_from_file_location("quality", REPO / "scripts" / "quality.py")
+assert _spec is not None and _spec.loader is not None
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+from quality_report import NOTES, write_report  # noqa: E402  (scripts/ is on the path above)
+
+PEFT_HAS = {"lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "llama_adapter"}
+
+
+@pytest.mark.parametrize("method", list(quality.METHODS))
+def test_each_method_reads_its_shipped_config_and_peft_gets_the_same_one(method: str) -> None:
+    import peft
+
+    from litpeft.methods import method_from_config
+
+    cfg = quality.shipped(method)
+    built = method_from_config(cfg["method"])
+    assert built.config()["init_args"].items() >= cfg["method"]["init_args"].items()
+    assert cfg["optimizer"]["init_args"]["lr"] > 0 and cfg["precision"] == "bf16-mixed"
+    counterpart = quality.peft_counterpart(method, cfg["method"]["init_args"])
+    assert (counterpart is not None) == (method in PEFT_HAS)
+    if counterpart is not None:
+        kind, kwargs = counterpart
+        getattr(peft, kind)(task_type="CAUSAL_LM", **kwargs)  # a valid peft config
+    if method == "dora":
+        assert cfg["method"]["init_args"]["use_dora"] and counterpart and counterpart[1]["use_dora"]
+
+
+def _result(side: str, method: str | None, em: float = 0.5) -> dict[str, Any]:
+    return {
+        "side": side,
+        "method": method,
+        "steps": 150,
+        "limit": None,
+        "exact_match": em,
+        "train_s": 1.0,
+        "total_s": 2.0,
+        "lr": 1e-3,
+    }
+
+
+def test_the_page_says_which_methods_are_missing_and_keeps_its_notes(tmp_path: Path) -> None:
+    out = tmp_path / "quality.md"
+    results = [_result("base", None, 0.1), _result("litpeft", "lora", 0.9), _result("peft", "lora", 0.8)]
+    write_report(results, out, ["lora", "houlsby"])
+    text = out.read_text()
+    assert "**Partial:** not measured in this run: houlsby." in text
+    assert "| lora | 0.001 | 0.90 | 0.80 | LoRA |" in text and "exact match 0.10" in text
+    out.write_text(text + NOTES + "\nwhy P-tuning v2 needed a new default\n")
+    write_report(results + [_result("litpeft", "houlsby", 0.7)], out, ["lora", "houlsby"])
+    text = out.read_text()
+    assert "Partial" not in text and "| houlsby |" in text
+    assert text.endswith(NOTES + "\nwhy P-tuning v2 needed a new default\n")
+    assert out.with_suffix(".json").is_file()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["prefix_tuning", "p_tuning_v2", "llama_adapter", "llama_adapter_v2"])
+def test_shipped_attention_configs_keep_the_base_models_loss_at_step_0(method: str, smollm2: str) -> None:
+    """Deep prompts at N(0, 1) against SmolLM2's values (RMS 0.05 in layer 0, 0.4-1.8 above) took the
+    answer loss on demo rows from 0.52 to 10.3 before the first step; 150 steps could not undo it."""
+    from bench.data import batches
+
+    from litpeft.loss import answer_logits, token_loss
+    from litpeft.methods import method_from_config
+    from litpeft.models import load_model
+
+    data = batches(smollm2, "demo", 1)
+
+    def loss_of(model: Any) -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, targets = answer_logits(model, data[0])
+            return float(token_loss(logits, targets)[0])
+
+    torch.manual_seed(0)
+    model = load_model(smollm2)
+    base = loss_of(model)
+    method_from_config(quality.shipped(method)["method"]).apply(model)
+    assert loss_of(model) < 2 * base
