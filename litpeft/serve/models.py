@@ -5,7 +5,8 @@ base's own tensors (``copy.deepcopy`` with those tensors pre-filled in its memo)
 method is applied to that copy. Every method works unchanged this way (LoRA wraps layers of the copy,
 prompt tuning hooks the copy's decoder, prefix tuning and LLaMA-Adapter attach state to the copy's
 attention modules), the memory is one base plus the adapters' own tensors, and a request can only ever
-run the model its ``model`` field names: there is no shared switch to flip between requests.
+run the model its ``model`` field names: there is no shared switch to flip between requests. A base
+tensor a method trains in place (a norm) is copied for that adapter before its weights are loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from litpeft.adapter_dir import base_fingerprint, read_adapter_config, read_adapter_weights
@@ -115,6 +117,7 @@ def load_served(spec: ServeSpec, device: str) -> dict[str, LoadedModel]:
         model = _share_base(base)
         method = method_from_config(meta["method"])
         method.apply(model)
+        _own_trained(model, base)
         weights = read_adapter_weights(spec.adapters[name])
         method.load_adapter_state_dict(model, weights)
         model.to(base.device).eval()
@@ -128,3 +131,16 @@ def _share_base(base: PreTrainedModel) -> PreTrainedModel:
     """A copy of ``base``'s modules whose parameters and buffers are ``base``'s own tensors."""
     memo: dict[int, object] = {id(t): t for t in [*base.parameters(), *base.buffers()]}
     return copy.deepcopy(base, memo)
+
+
+def _own_trained(model: PreTrainedModel, base: PreTrainedModel) -> None:
+    """Give ``model`` its own copy of each base tensor its method trains in place (the norms of
+    LLaMA-Adapter v2 and the bottleneck adapters): loading the adapter must not write into the base."""
+    shared = {id(p) for p in base.parameters()}
+    own: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and p.requires_grad and id(p) in shared:
+                if id(p) not in own:  # tied tensors stay tied
+                    own[id(p)] = nn.Parameter(p.detach().clone())
+                module._parameters[key] = own[id(p)]

@@ -8,6 +8,7 @@ LitServe (``pip install 'litpeft[serve]'``) is imported only here, when a server
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from types import FrameType
@@ -110,7 +111,11 @@ def serve(
     )
     server = build_server(spec, device, max_tokens, max_batch_size, batch_timeout, api_key, timeout)
 
+    main = os.getpid()
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != main:  # a forked uvicorn worker, which re-raises the signal once it has stopped
+            os._exit(0)
         raise KeyboardInterrupt  # LitServe shuts its workers down on it
 
     signal.signal(signal.SIGTERM, stop)
