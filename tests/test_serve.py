@@ -3,6 +3,7 @@ with the official ``openai`` client; and the pieces it is built of (shared-base 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,9 +52,10 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def server(adapters: dict[str, Path]) -> Iterator[str]:
-    """``litpeft serve`` in its own process group; yields the base URL once ``/health`` answers."""
+@pytest.fixture(scope="module", autouse=True)
+def server_process(adapters: dict[str, Path]) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``litpeft serve`` in its own process group, started with the module so that it boots while the
+    tests that need no server run."""
     port = free_port()
     cmd = [sys.executable, "-m", "litpeft", "serve", "--port", str(port), "--device", "cpu"]
     cmd += ["--max_batch_size", "8", "--batch_timeout", "0.02"]
@@ -61,28 +63,31 @@ def server(adapters: dict[str, Path]) -> Iterator[str]:
         cmd += ["--adapter", f"{name}={path}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}"
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start in 180 s"
-            time.sleep(0.5)
-        yield url
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
         finally:
-            try:  # the workers LitServe started, should any outlive the graceful shutdown
+            with contextlib.suppress(ProcessLookupError):  # workers outliving the graceful shutdown
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+
+
+@pytest.fixture(scope="module")
+def server(server_process: tuple[subprocess.Popen, str]) -> str:
+    """The base URL, once ``/health`` answers."""
+    proc, url = server_process
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"ok":
+                return url
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start in 180 s"
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +97,9 @@ def client(server: str) -> openai.OpenAI:
 
 def chat(client: openai.OpenAI, model: str, prompt: str, max_tokens: int = 10, **kw: Any) -> Any:
     messages = [{"role": "user", "content": prompt}]
-    return client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0, **kw)
+    return client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, **kw
+    )
 
 
 def streamed(client: openai.OpenAI, model: str, prompt: str, max_tokens: int = 10) -> tuple[str, str | None]:
@@ -109,119 +116,6 @@ def generated(capsys: pytest.CaptureFixture, **kwargs: Any) -> str:
     capsys.readouterr()
     generate(device="cpu", **kwargs)
     return capsys.readouterr().out.removesuffix("\n")
-
-
-# -- through the server --------------------------------------------------------------------------------
-def test_models_lists_the_base_and_each_adapter(client: openai.OpenAI) -> None:
-    models = client.models.list().data
-    assert [m.id for m in models] == [BASE, "a", "b"]
-    assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE]
-
-
-def test_greedy_answers_equal_litpeft_generate(client, adapters, capsys) -> None:
-    """Chat in each model's own prompt style (a: chat template, b: Alpaca, the base: its template) and
-    a plain completion: the same text as ``litpeft generate``; the three models answer differently."""
-    prompt = PROMPTS[0]
-    answers = {}
-    for name in ["a", "b", BASE]:
-        where = {"model": BASE} if name == BASE else {"adapter": str(adapters[name])}
-        out = chat(client, name, prompt, max_tokens=12)
-        assert out.choices[0].message.content == generated(capsys, prompt=prompt, max_new_tokens=12, **where)
-        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 12
-        assert out.model == name
-        answers[name] = out.choices[0].message.content
-        raw = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
-        assert raw.choices[0].text == generated(capsys, prompt=prompt, max_new_tokens=12, raw=True, **where)
-    assert len(set(answers.values())) == 3
-
-
-def test_streaming_yields_the_same_text(client: openai.OpenAI) -> None:
-    for name in ["a", "b"]:
-        for prompt in PROMPTS[:3]:
-            whole = chat(client, name, prompt, max_tokens=16).choices[0]
-            assert streamed(client, name, prompt, max_tokens=16) == (whole.message.content, whole.finish_reason)
-    raw = client.completions.create(model="a", prompt="Once", max_tokens=16, temperature=0).choices[0].text
-    parts = client.completions.create(model="a", prompt="Once", max_tokens=16, temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in parts if c.choices) == raw
-
-
-def test_stream_usage_and_stop_strings(client: openai.OpenAI) -> None:
-    chunks = list(chat(client, "a", "Hi", max_tokens=5, stream=True, stream_options={"include_usage": True}))
-    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens > 0
-    whole = chat(client, "b", "Say hello.", max_tokens=16).choices[0].message.content
-    stop = whole[5:7]  # cut the answer where this first occurs
-    cut = chat(client, "b", "Say hello.", max_tokens=16, stop=[stop]).choices[0]
-    assert cut.message.content == whole[: whole.find(stop)] and cut.finish_reason == "stop"
-    assert streamed_with_stop(client, "b", "Say hello.", stop) == cut.message.content
-
-
-def streamed_with_stop(client: openai.OpenAI, model: str, prompt: str, stop: str) -> str:
-    stream = chat(client, model, prompt, max_tokens=16, stream=True, stop=[stop])
-    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-
-
-def test_two_adapters_answer_differently_in_interleaved_requests_and_never_cross(client) -> None:
-    alone = {(m, p): chat(client, m, p).choices[0].message.content for m in ["a", "b"] for p in PROMPTS[:4]}
-    assert all(alone[("a", p)] != alone[("b", p)] for p in PROMPTS[:4])
-    requests = [(m, p) for p in PROMPTS[:4] for m in ["a", "b"]] * 2  # a, b, a, b, ... at once
-    with ThreadPoolExecutor(len(requests)) as pool:
-        answers = list(pool.map(lambda r: chat(client, *r).choices[0].message.content, requests))
-    assert answers == [alone[r] for r in requests]
-
-
-@pytest.mark.slow
-def test_32_concurrent_clients_lose_and_mix_up_nothing(client: openai.OpenAI) -> None:
-    cases = [(m, p) for m in ["a", "b", BASE] for p in PROMPTS]
-    alone = {c: chat(client, *c, max_tokens=6).choices[0].message.content for c in cases}
-
-    def one_client(k: int) -> list[tuple[tuple[str, str], str]]:
-        out = []
-        for j in range(3):
-            case = cases[(7 * k + j) % len(cases)]
-            if (k + j) % 2:
-                text = streamed(client, *case, max_tokens=6)[0]
-            else:
-                text = chat(client, *case, max_tokens=6).choices[0].message.content
-            out.append((case, text))
-        return out
-
-    with ThreadPoolExecutor(32) as pool:
-        results = [r for rs in pool.map(one_client, range(32)) for r in rs]
-    assert len(results) == 96
-    assert [text for _, text in results] == [alone[case] for case, _ in results]
-
-
-def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client) -> None:
-    long = "x" * 600  # 600 byte tokens: past tiny:llama's 512 positions
-    cases = [
-        (b'{"model": "a", "messages": [', 400, "invalid_json"),
-        (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "model_not_found"),
-        (json.dumps({"model": "a", "messages": [{"role": "user", "content": long}]}).encode(), 400, "context_length_exceeded"),
-        (json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}).encode(), 400, "invalid_value"),
-        (json.dumps({"model": "a", "messages": [{"role": "user", "content": long}], "stream": True}).encode(), 400, "context_length_exceeded"),
-    ]  # fmt: skip
-    for body, status, code in cases:
-        got, error = post(f"{server}/v1/chat/completions", body)
-        assert got == status, error
-        assert error["error"]["code"] == code and error["error"]["message"] and error["error"]["type"]
-        assert chat(client, "a", "Hi", max_tokens=3).choices[0].message.content is not None  # still serving
-    got, error = post(f"{server}/v1/completions", json.dumps({"model": "b", "prompt": long}).encode())
-    assert got == 400 and error["error"]["code"] == "context_length_exceeded"
-    with pytest.raises(openai.NotFoundError) as e:
-        chat(client, "c", "Hi")
-    assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
-    with pytest.raises(openai.BadRequestError) as e:
-        chat(client, "a", "Hi", max_tokens=-5)
-    assert e.value.body["param"] == "max_tokens"
 
 
 # -- the pieces ----------------------------------------------------------------------------------------
@@ -281,3 +175,118 @@ def test_detokenizer_deltas_add_up_to_the_whole_text() -> None:
         want = text[: text.find("ça")] if stop == ["ça"] else text
         assert deltas == want == items[-1]["full"]
         assert all("\ufffd" not in i.get("text", "") for i in items)  # no half characters on the way
+
+
+# -- through the server --------------------------------------------------------------------------------
+def test_models_lists_the_base_and_each_adapter(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [BASE, "a", "b"]
+    assert [getattr(m, "parent", None) for m in models] == [None, BASE, BASE]
+
+
+def test_greedy_answers_equal_litpeft_generate(client, adapters, capsys) -> None:
+    """Chat in each model's own prompt style (a: chat template, b: Alpaca, the base: its template) and
+    a plain completion: the same text as ``litpeft generate``; the three models answer differently."""
+    prompt = PROMPTS[0]
+    answers = {}
+    for name in ["a", "b", BASE]:
+        where = {"model": BASE} if name == BASE else {"adapter": str(adapters[name])}
+        out = chat(client, name, prompt, max_tokens=12)
+        assert out.choices[0].message.content == generated(capsys, prompt=prompt, max_new_tokens=12, **where)
+        assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 12
+        assert out.model == name
+        answers[name] = out.choices[0].message.content
+        raw = client.completions.create(model=name, prompt=prompt, max_tokens=12, temperature=0)
+        assert raw.choices[0].text == generated(capsys, prompt=prompt, max_new_tokens=12, raw=True, **where)
+    assert len(set(answers.values())) == 3
+
+
+def test_streaming_yields_the_same_text(client: openai.OpenAI) -> None:
+    for name in ["a", "b"]:
+        for prompt in PROMPTS[:3]:
+            whole = chat(client, name, prompt, max_tokens=16).choices[0]
+            assert streamed(client, name, prompt, max_tokens=16) == (
+                whole.message.content,
+                whole.finish_reason,
+            )
+    raw = client.completions.create(model="a", prompt="Once", max_tokens=16, temperature=0).choices[0].text
+    parts = client.completions.create(model="a", prompt="Once", max_tokens=16, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in parts if c.choices) == raw
+
+
+def test_stream_usage_and_stop_strings(client: openai.OpenAI) -> None:
+    chunks = list(chat(client, "a", "Hi", max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens > 0
+    whole = chat(client, "b", "Say hello.", max_tokens=16).choices[0].message.content
+    stop = whole[5:7]  # cut the answer where this first occurs
+    cut = chat(client, "b", "Say hello.", max_tokens=16, stop=[stop]).choices[0]
+    assert cut.message.content == whole[: whole.find(stop)] and cut.finish_reason == "stop"
+    assert streamed_with_stop(client, "b", "Say hello.", stop) == cut.message.content
+
+
+def streamed_with_stop(client: openai.OpenAI, model: str, prompt: str, stop: str) -> str:
+    stream = chat(client, model, prompt, max_tokens=16, stream=True, stop=[stop])
+    return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+
+def test_two_adapters_answer_differently_in_interleaved_requests_and_never_cross(client) -> None:
+    alone = {(m, p): chat(client, m, p).choices[0].message.content for m in ["a", "b"] for p in PROMPTS[:4]}
+    assert all(alone[("a", p)] != alone[("b", p)] for p in PROMPTS[:4])
+    requests = [(m, p) for p in PROMPTS[:4] for m in ["a", "b"]] * 2  # a, b, a, b, ... at once
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda r: chat(client, *r).choices[0].message.content, requests))
+    assert answers == [alone[r] for r in requests]
+
+
+def test_32_concurrent_clients_lose_and_mix_up_nothing(client: openai.OpenAI) -> None:
+    cases = [(m, p) for m in ["a", "b", BASE] for p in PROMPTS]
+    alone = {c: chat(client, *c, max_tokens=6).choices[0].message.content for c in cases}
+
+    def one_client(k: int) -> list[tuple[tuple[str, str], str]]:
+        out = []
+        for j in range(3):
+            case = cases[(7 * k + j) % len(cases)]
+            if (k + j) % 2:
+                text = streamed(client, *case, max_tokens=6)[0]
+            else:
+                text = chat(client, *case, max_tokens=6).choices[0].message.content
+            out.append((case, text))
+        return out
+
+    with ThreadPoolExecutor(32) as pool:
+        results = [r for rs in pool.map(one_client, range(32)) for r in rs]
+    assert len(results) == 96
+    assert [text for _, text in results] == [alone[case] for case, _ in results]
+
+
+def post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client) -> None:
+    long = "x" * 600  # 600 byte tokens: past tiny:llama's 512 positions
+    cases = [
+        (b'{"model": "a", "messages": [', 400, "invalid_json"),
+        (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404, "model_not_found"),
+        (json.dumps({"model": "a", "messages": [{"role": "user", "content": long}]}).encode(), 400, "context_length_exceeded"),
+        (json.dumps({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}).encode(), 400, "invalid_value"),
+        (json.dumps({"model": "a", "messages": [{"role": "user", "content": long}], "stream": True}).encode(), 400, "context_length_exceeded"),
+    ]  # fmt: skip
+    for body, status, code in cases:
+        got, error = post(f"{server}/v1/chat/completions", body)
+        assert got == status, error
+        assert error["error"]["code"] == code and error["error"]["message"] and error["error"]["type"]
+        assert chat(client, "a", "Hi", max_tokens=3).choices[0].message.content is not None  # still serving
+    got, error = post(f"{server}/v1/completions", json.dumps({"model": "b", "prompt": long}).encode())
+    assert got == 400 and error["error"]["code"] == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(client, "c", "Hi")
+    assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "a", "Hi", max_tokens=-5)
+    assert e.value.body["param"] == "max_tokens"

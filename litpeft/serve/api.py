@@ -53,7 +53,10 @@ class PeftAPI(ls.LitAPI):
     ) -> None:  # fmt: skip
         # One loop for every batch size: predict always gets a list and yields lists.
         super().__init__(
-            max_batch_size=max_batch_size, batch_timeout=batch_timeout, spec=endpoints, loop=BatchedStreamingLoop()
+            max_batch_size=max_batch_size,
+            batch_timeout=batch_timeout,
+            spec=endpoints,
+            loop=BatchedStreamingLoop(),
         )
         self.serve_spec, self.max_tokens = spec, max_tokens
 
@@ -149,7 +152,9 @@ class OpenAIEndpoints(LitSpec):
         except APIError as e:
             return JSONResponse(e.body(), status_code=e.status)
         use = usage(last["prompt_tokens"], last["completion_tokens"])
-        return JSONResponse(completion_body(chat, rid, request.model, last["full"], last["finish_reason"], use))
+        return JSONResponse(
+            completion_body(chat, rid, request.model, last["full"], last["finish_reason"], use)
+        )
 
     @staticmethod
     def _payload(request: ChatRequest | CompletionRequest) -> dict[str, Any]:
@@ -180,7 +185,9 @@ class OpenAIEndpoints(LitSpec):
                     yield item
                 if item.get("finish_reason"):
                     return
-            raise APIError(500, "the inference worker ended the request without an answer", type="server_error")
+            raise APIError(
+                500, "the inference worker ended the request without an answer", type="server_error"
+            )
         finally:
             self.response_buffer.pop(uid, None)
 

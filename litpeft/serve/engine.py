@@ -48,7 +48,9 @@ def make_job(served: dict[str, LoadedModel], request: dict[str, Any], default_ma
         try:
             text = loaded.prompt(request["messages"])
         except Exception as e:  # a chat template may refuse a conversation (e.g. a system role)
-            raise APIError(400, f"the messages cannot be formatted for this model: {e}", param="messages") from e
+            raise APIError(
+                400, f"the messages cannot be formatted for this model: {e}", param="messages"
+            ) from e
     else:
         text = request["prompt"]
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]

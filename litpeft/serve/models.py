@@ -105,7 +105,9 @@ def load_served(spec: ServeSpec, device: str) -> dict[str, LoadedModel]:
             )
     quantize = next((m["quantize"] for m in metas.values() if m.get("quantize")), None)
     if quantize:
-        log.info("the adapters were trained on a %s-quantized base: the base is quantized the same way", quantize)
+        log.info(
+            "the adapters were trained on a %s-quantized base: the base is quantized the same way", quantize
+        )
         quantize_model(base, quantize)
     base.to(parse_device(device)).eval()
     served = {

@@ -201,7 +201,14 @@ def chunk_body(
 def usage_chunk(chat: bool, rid: str, model: str, use: dict[str, int]) -> dict[str, Any]:
     """The last chunk with ``stream_options.include_usage``: no choices, only the usage."""
     obj = "chat.completion.chunk" if chat else "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": use,
+    }
 
 
 def models_body(names: list[str], base: str) -> dict[str, Any]:
