@@ -28,8 +28,10 @@ from litpeft.errors import LitPeftError
 from litpeft.inference import load_for_inference
 from litpeft.methods import HoulsbyAdapter, LlamaAdapterV2, LoRA, PrefixTuning, PromptTuning
 from litpeft.models import tiny_tokenizer
-from litpeft.serve.engine import Detokenizer, Job
+from litpeft.serve.api import OpenAIEndpoints
+from litpeft.serve.engine import Detokenizer, Job, generate_batch, make_job
 from litpeft.serve.models import ServeSpec, load_served, parse_adapters, plan
+from litpeft.serve.protocol import APIError
 from litpeft.serve.server import adapter_flags
 
 BASE = "tiny:llama"
@@ -160,6 +162,54 @@ def test_adapters_share_the_base_tensors_and_each_answers_as_loaded_alone(tmp_pa
             alone = load_for_inference(str(d), None).model(ids).logits
             torch.testing.assert_close(model(ids).logits, alone, rtol=0, atol=1e-6)
             assert not torch.allclose(alone, plain)
+
+
+def run_batch(served: dict, jobs: list) -> list[dict[str, Any]]:
+    """Each job's text, finish reason and token count (or error) from one ``generate_batch``."""
+    out: list[dict[str, Any]] = [{"text": ""} for _ in jobs]
+    for step in generate_batch(served, jobs):
+        for row, item in zip(out, step, strict=True):
+            row["text"] += item.get("text", "")
+            row.update({k: v for k, v in item.items() if k != "text"})
+    return out
+
+
+def test_a_batch_generates_each_models_requests_together_and_each_as_alone(adapters, generate_calls) -> None:
+    """One ``generate`` per model (rows of one adapter batched, left-padded), and every row's answer,
+    stop and token count are those of the request served alone; a bad request fails on its own."""
+    served = load_served(plan({n: str(d) for n, d in adapters.items()}, None), "cpu")
+    specs = [("a", PROMPTS[0], 8, None), ("b", PROMPTS[1], 5, None), ("a", PROMPTS[2] * 3, 3, None),
+             ("b", PROMPTS[3], 8, None), (BASE, PROMPTS[4], 6, None), ("a", PROMPTS[5], 8, ["e"])]  # fmt: skip
+    requests = [
+        {"model": m, "messages": [{"role": "user", "content": p}], "max_tokens": n, "temperature": 0.0,
+         "top_p": 1.0, "stop": stop}
+        for m, p, n, stop in specs
+    ]  # fmt: skip
+    too_long = {**requests[0], "messages": [{"role": "user", "content": "x" * 600}]}
+    with pytest.raises(APIError) as e:
+        make_job(served, too_long, 16)
+    jobs = [make_job(served, r, 16) for r in requests] + [e.value]
+    together = run_batch(served, jobs)
+    assert sorted(ids.shape[0] for ids, _ in generate_calls) == [1, 2, 3]
+    assert together[-1]["status"] == 400 and together[-1]["error"]["code"] == "context_length_exceeded"
+    alone = [run_batch(served, [job])[0] for job in jobs[:-1]]
+    assert together[:-1] == alone
+    for row, (_, _, n, stop) in zip(alone, specs, strict=True):
+        assert row["finish_reason"] == "stop" or row["completion_tokens"] == n
+        assert row["text"] == row["full"] and (stop is None or stop[0] not in row["text"])
+
+
+def test_the_api_key_is_checked() -> None:
+    endpoints = OpenAIEndpoints(["m"], "m", api_key="secret")
+
+    class Request:
+        def __init__(self, header: str) -> None:
+            self.headers = {"authorization": header}
+
+    endpoints._authorize(Request("Bearer secret"))  # type: ignore[arg-type]
+    with pytest.raises(APIError) as e:
+        endpoints._authorize(Request("Bearer wrong"))  # type: ignore[arg-type]
+    assert e.value.status == 401 and e.value.body()["error"]["code"] == "invalid_api_key"
 
 
 def test_detokenizer_deltas_add_up_to_the_whole_text() -> None:
