@@ -32,7 +32,7 @@ from litpeft.serve.api import OpenAIEndpoints
 from litpeft.serve.engine import Detokenizer, Job, generate_batch, make_job
 from litpeft.serve.models import ServeSpec, load_served, parse_adapters, plan
 from litpeft.serve.protocol import APIError
-from litpeft.serve.server import adapter_flags
+from litpeft.serve.server import adapter_flags, serve
 
 BASE = "tiny:llama"
 PROMPTS = ["Name a color.", "Count to three.", "Say hello.", "What is 2+2?", "Spell cat.", "Hi", "Why?", "ok"]
@@ -128,6 +128,18 @@ def test_adapter_flags_and_names() -> None:
     assert parse_adapters(["a=x/1", "runs/dates/adapter"]) == {"a": "x/1", "adapter": "runs/dates/adapter"}
     with pytest.raises(LitPeftError, match="twice"):
         parse_adapters(["a=x", "a=y"])
+
+
+def test_serve_checks_its_arguments_before_starting(tmp_path) -> None:
+    for kwargs, match in [
+        ({"model": BASE, "host": "10.0.0.1"}, "--host"),
+        ({"model": BASE, "port": 80}, "--port"),
+        ({"model": BASE, "max_batch_size": 0}, "positive"),
+        ({}, "--model SPEC"),
+        ({"adapter": [f"a={tmp_path / 'missing'}"]}, "does not exist"),
+    ]:
+        with pytest.raises(LitPeftError, match=match):
+            serve(**kwargs)
 
 
 def test_plan_takes_the_adapters_base_and_refuses_a_name_clash(adapters) -> None:
