@@ -55,9 +55,15 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def server_process(adapters: dict[str, Path]) -> Iterator[tuple[subprocess.Popen, str]]:
-    """``litpeft serve`` in its own process group, started with the module so that it boots while the
-    tests that need no server run."""
+def server_process(
+    request: pytest.FixtureRequest, adapters: dict[str, Path]
+) -> Iterator[tuple[subprocess.Popen, str] | None]:
+    """``litpeft serve`` in its own process group, started with the module (when a selected test needs
+    it) so that it boots while the tests that need no server run."""
+    here = [item for item in request.session.items if item.module is request.module]
+    if not any("server" in item.fixturenames for item in here):
+        yield None
+        return
     port = free_port()
     cmd = [sys.executable, "-m", "litpeft", "serve", "--port", str(port), "--device", "cpu"]
     cmd += ["--max_batch_size", "8", "--batch_timeout", "0.02"]
@@ -77,8 +83,9 @@ def server_process(adapters: dict[str, Path]) -> Iterator[tuple[subprocess.Popen
 
 
 @pytest.fixture(scope="module")
-def server(server_process: tuple[subprocess.Popen, str]) -> str:
+def server(server_process: tuple[subprocess.Popen, str] | None) -> str:
     """The base URL, once ``/health`` answers."""
+    assert server_process is not None
     proc, url = server_process
     deadline = time.monotonic() + 180
     while True:
@@ -300,6 +307,7 @@ def test_two_adapters_answer_differently_in_interleaved_requests_and_never_cross
     assert answers == [alone[r] for r in requests]
 
 
+@pytest.mark.slow
 def test_32_concurrent_clients_lose_and_mix_up_nothing(client: openai.OpenAI) -> None:
     cases = [(m, p) for m in ["a", "b", BASE] for p in PROMPTS]
     alone = {c: chat(client, *c, max_tokens=6).choices[0].message.content for c in cases}
