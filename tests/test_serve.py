@@ -142,6 +142,7 @@ def test_serve_checks_its_arguments_before_starting(tmp_path) -> None:
         ({"model": BASE, "host": "10.0.0.1"}, "--host"),
         ({"model": BASE, "port": 80}, "--port"),
         ({"model": BASE, "max_batch_size": 0}, "positive"),
+        ({"model": BASE, "batch_timeout": 0}, "positive"),
         ({}, "--model SPEC"),
         ({"adapter": [f"a={tmp_path / 'missing'}"]}, "does not exist"),
     ]:

@@ -84,7 +84,7 @@ def serve(
         port: TCP port.
         max_tokens: a request's ``max_tokens`` when it gives none (capped by the context length).
         max_batch_size: most requests generated together.
-        batch_timeout: seconds to wait for more requests before a batch starts.
+        batch_timeout: seconds to wait for more requests before a batch starts (> 0).
         prompt_style: override every adapter's saved prompt style (and the base's ``auto``).
         dtype: load the base in this dtype (default float32).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
@@ -98,8 +98,9 @@ def serve(
         raise LitPeftError(f"--host must be one of {', '.join(HOSTS)}, got '{host}'")
     if not 1024 <= port <= 65535:
         raise LitPeftError(f"--port must be in 1024..65535, got {port}")
-    if max_tokens <= 0 or max_batch_size <= 0 or batch_timeout < 0:
-        raise LitPeftError("--max_tokens and --max_batch_size must be positive, --batch_timeout >= 0")
+    if max_tokens <= 0 or max_batch_size <= 0 or batch_timeout <= 0:
+        # batch_timeout 0 would make LitServe's batching loop poll its queue without pause when idle
+        raise LitPeftError("--max_tokens, --max_batch_size and --batch_timeout must be positive")
     spec = plan(
         parse_adapters(adapter or []),
         model,
