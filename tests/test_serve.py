@@ -23,6 +23,7 @@ import pytest
 import torch
 from adapter_helpers import REPO, make_adapter
 
+from litpeft.cli import main
 from litpeft.commands import generate
 from litpeft.errors import LitPeftError
 from litpeft.inference import load_for_inference
@@ -148,6 +149,20 @@ def test_serve_checks_its_arguments_before_starting(tmp_path) -> None:
     ]:
         with pytest.raises(LitPeftError, match=match):
             serve(**kwargs)
+
+
+def test_the_serve_command_is_registered_with_help_and_one_line_errors(capsys) -> None:
+    main([])
+    assert any(line.split()[:1] == ["serve"] for line in capsys.readouterr().out.splitlines())
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0 and "--adapter+ ADAPTER" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", BASE, "--host", "10.0.0.1"])
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1].startswith("litpeft: error: --host must be one of")
+    )
 
 
 def test_plan_takes_the_adapters_base_and_refuses_a_name_clash(adapters) -> None:
