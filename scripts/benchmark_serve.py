@@ -120,7 +120,10 @@ def main() -> None:
             wait_healthy(url, proc)
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
             level(client, 1, 1, args.max_tokens)  # warm-up
-            rows = [level(client, c, max(c, args.requests), args.max_tokens) for c in args.clients]
+            rows = []
+            for c in args.clients:
+                rows.append(level(client, c, max(c, args.requests), args.max_tokens))
+                print(json.dumps(rows[-1]), flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
