@@ -26,7 +26,7 @@ from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_sl
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
 TOOLS: dict[str, Callable[[list[str]], None]] = {}
-TOOLS.update(COMMANDS)  # generate, evaluate, merge, export, download
+TOOLS.update(COMMANDS)  # generate, evaluate, merge, export, download, serve
 
 
 class LitPeftCLI(LightningCLI):

@@ -7,6 +7,7 @@ litpeft evaluate --adapter runs/adapter --data val.jsonl     # loss, perplexity,
 litpeft merge --adapter runs/adapter --output merged/        # plain transformers model directory
 litpeft export --adapter runs/adapter --format peft --output peft/
 litpeft download Qwen/Qwen2.5-0.5B-Instruct                 # prefetch a hub model (or hub://org/dataset)
+litpeft serve --adapter a=runs/a/adapter --adapter b=runs/b/adapter  # OpenAI-compatible API (litpeft.serve)
 
 Each command is a typed function; jsonargparse turns it into ``--help``, ``--config file.yaml`` and
 ``--print_config``. A command checks its arguments, then delegates: loading and generation to
@@ -37,6 +38,7 @@ from litpeft.files import atomic_path
 from litpeft.inference import Dtype, load_for_inference, parse_dtype, read_conversations, sampling_options
 from litpeft.methods import method_from_config
 from litpeft.models import checkpoint_dtype, hub_ref, resolve_spec
+from litpeft.serve.server import adapter_flags, serve
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +360,15 @@ def download(
 
 
 # -- the CLI entry points ---------------------------------------------------------------------------
-def _run(function: Callable[..., Any], name: str, positional: bool = False) -> Callable[[list[str]], None]:
+def _run(
+    function: Callable[..., Any],
+    name: str,
+    positional: bool = False,
+    rewrite: Callable[[list[str]], list[str]] | None = None,
+) -> Callable[[list[str]], None]:
     def main(argv: list[str]) -> None:
-        CLI(function, args=argv, as_positional=positional, prog=f"litpeft {name}")
+        args = rewrite(argv) if rewrite else argv
+        CLI(function, args=args, as_positional=positional, prog=f"litpeft {name}")
 
     main.__doc__ = f"litpeft {name}: {function.__doc__.splitlines()[0] if function.__doc__ else ''}"
     return main
@@ -372,6 +380,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "merge": _run(merge, "merge"),
     "export": _run(export_adapter, "export"),
     "download": _run(download, "download", positional=True),
+    "serve": _run(serve, "serve", rewrite=adapter_flags),
 }
 
 # Helpers that lived here before they moved (deprecated, for one release).
