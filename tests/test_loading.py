@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from litpeft.adapter_dir import base_fingerprint
 from litpeft.methods import LoRA, PeftMethod, method_from_config
 from litpeft.models import load_model, tiny_tokenizer
 from litpeft.module import PeftLM
@@ -186,6 +187,7 @@ def test_bf16_mixed_keeps_a_bf16_checkpoints_embedding_in_bf16_with_the_same_log
         torch.testing.assert_close(_logits(new, ids, autocast), _logits(old, ids, autocast), rtol=0, atol=0)
     generated = [m.model.generate(ids[:, :6], max_new_tokens=6, do_sample=False) for m in (old, new)]
     assert torch.equal(generated[0], generated[1])
+    assert base_fingerprint(new.model) == base_fingerprint(old.model)  # adapters still find their base
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "houlsby", "llama_adapter", "p_tuning_v2"])
