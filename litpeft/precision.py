@@ -78,9 +78,10 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     twice a step: the model's own empty head call, then litpeft's at the loss positions; the copy costs no
     more than the cast that autocast keeps for the backward), and shares the table when that is already
     in ``dtype`` (:func:`store_frozen_embeddings`). Norms, all trainable tensors and the layers a PEFT
-    layer reads in fp32 (:meth:`PeftLayer.fp32_base_layers`) keep fp32. Outside autocast, hooks run such a layer in ``dtype`` and return its output in the input's
-    dtype, so the model still runs as before (e.g. called directly after ``fit``). Weights already loaded
-    in ``dtype`` (:func:`litpeft.loading.storage_dtypes`) are kept as they are and get the same hooks.
+    layer reads in fp32 (:meth:`PeftLayer.fp32_base_layers`) keep fp32. Outside autocast, hooks run such
+    a layer in ``dtype`` and return its output in the input's dtype, so the model still runs as before
+    (e.g. called directly after ``fit``). Weights already loaded in ``dtype``
+    (:func:`litpeft.loading.storage_dtypes`) are kept as they are and get the same hooks.
     """
     if not SPEEDUPS.frozen_bf16:
         return 0
