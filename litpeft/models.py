@@ -155,7 +155,7 @@ def load_model(
     rank but the first does so; the weights then come from rank 0, see :mod:`litpeft.distributed`).
     ``dtypes`` maps parameter names (``model.layers.0.mlp.up_proj.weight``) to the dtype each is read in
     instead of ``dtype``, cast tensor by tensor as transformers reads the checkpoint (see
-    :mod:`litpeft.loading`); ``tiny:`` models are built, not read, and ignore it.
+    :mod:`litpeft.loading`), on the meta device too; ``tiny:`` models are built, not read, and ignore it.
     """
     if meta:
         with torch.device("meta"):
@@ -169,6 +169,9 @@ def load_model(
                 )
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         model = model.to(dtype or torch.float32)
+        for name, p in model.named_parameters():  # as rank 0 reads them (see litpeft.distributed)
+            if name in (dtypes or {}):
+                p.data = p.data.to(dtypes[name])
     elif spec.startswith("tiny:"):
         model = _tiny_model(spec.split(":", 1)[1], tokenizer or tiny_tokenizer())
         if dtype is not None:

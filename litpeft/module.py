@@ -106,7 +106,7 @@ class PeftLM(L.LightningModule):
                 trust_remote_code=self.trust_remote_code,
                 tokenizer=self.tokenizer,
                 meta=meta,
-                dtypes=None if meta else self.storage_dtypes(),
+                dtypes=self.storage_dtypes(),  # on the meta device too: the ranks' dtypes match
             )
             if self.quantize:
                 quantize_model(model, self.quantize)
@@ -116,7 +116,7 @@ class PeftLM(L.LightningModule):
             if model.config._attn_implementation == "sdpa" and SPEEDUPS.cpu_sdpa:
                 model.set_attn_implementation(CPU_SDPA)
             if self.autocast_dtype() is not None:
-                precision.store_frozen_linears(model, self.autocast_dtype())
+                precision.store_frozen_base(model, self.autocast_dtype())
         if self.gradient_checkpointing:
             # transformers >= 5.x names it activation_checkpointing_enable; both wrap each decoder layer's forward
             enable = getattr(model, "activation_checkpointing_enable", None)

@@ -76,7 +76,11 @@ SHARD_BYTES = 2 * 10**9
 
 
 def shape_dir(shape: str) -> Path:
-    """The shape's random bf16 checkpoint, written once shard by shard (one shard in memory at a time)."""
+    """The shape's random bf16 checkpoint, written once shard by shard (one shard in memory at a time).
+
+    Each weight is drawn straight in bf16 (``normal_``, std 0.02; norms 1), about 150 M values/s on one
+    core: the 8B shape's 16 GB take a few minutes, bounded by the disk.
+    """
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -104,16 +108,15 @@ def shape_dir(shape: str) -> Path:
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
-            for name, t in shard.items():
-                norm = name.endswith("norm.weight")
+            for name, t in shard.items():  # filled in bf16 in place: no fp32 temporary of any weight
+                w = torch.empty(t.shape, dtype=torch.bfloat16)
                 tensors[name] = (
-                    torch.ones(t.shape, dtype=torch.bfloat16)
-                    if norm
-                    else (torch.randn(t.shape, generator=g) * 0.02).bfloat16()
+                    w.fill_(1.0) if name.endswith("norm.weight") else w.normal_(0, 0.02, generator=g)
                 )
                 index["weight_map"][name] = file
             save_file(tensors, tmp / file, metadata={"format": "pt"})
             del tensors
+            print(f"wrote {file}", file=sys.stderr, flush=True)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index))
         config.save_pretrained(tmp)
         tiny_tokenizer().save_pretrained(tmp)

@@ -144,3 +144,56 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients() -> Non
     assert plain.keys() == checkpointed.keys()
     for n, g in plain.items():
         torch.testing.assert_close(checkpointed[n], g)
+
+
+class _GoodScaledWordEmbedding(torch.nn.Embedding):
+    """Gemma's form: the lookup times ``embed_scale`` in the table's dtype."""
+
+    def __init__(self) -> None:
+        super().__init__(10, 4)
+        self.embed_scale = torch.tensor(48**0.5)  # not a bf16 number
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class _OddScaledWordEmbedding(_GoodScaledWordEmbedding):
+    """Named like one, computes more than ``lookup * embed_scale``."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) + 1
+
+
+def test_store_frozen_embeddings_is_exact_or_keeps_the_table_fp32() -> None:
+    from litpeft.precision import store_frozen_embeddings
+
+    torch.manual_seed(0)
+    plain, good, odd = torch.nn.Embedding(10, 4), _GoodScaledWordEmbedding(), _OddScaledWordEmbedding()
+    model = torch.nn.ModuleList([plain, good, odd]).requires_grad_(False)
+    reference = {
+        id(m): m.weight.detach().bfloat16().float() for m in model
+    }  # the fp32 table of a bf16 checkpoint
+    for m in model:
+        m.weight.data = m.weight.data.bfloat16()
+    assert store_frozen_embeddings(model) == 2
+    assert (plain.weight.dtype, good.weight.dtype, odd.weight.dtype) == (torch.bfloat16,) * 2 + (
+        torch.float32,
+    )
+    assert store_frozen_embeddings(model) == 0  # already stored
+    ids = torch.tensor([[1, 5, 9]])
+    for m in model:
+        expected = type(m).forward(_with_weight(m, reference[id(m)]), ids)
+        assert m(ids).dtype == torch.float32
+        torch.testing.assert_close(m(ids), expected, rtol=0, atol=0)
+        torch.testing.assert_close(
+            m(input_ids=ids) if m is not plain else m(input=ids), expected, rtol=0, atol=0
+        )
+
+
+def _with_weight(module: torch.nn.Embedding, weight: torch.Tensor) -> torch.nn.Embedding:
+    import copy
+
+    clone = copy.deepcopy(module)
+    clone._forward_hooks.clear()
+    clone.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return clone
