@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Run, assert_same_adapter, one_error_line
+from harness import Run, assert_same_adapter, one_error_line
 
 
 def test_second_fit_on_a_busy_run_directory_refuses(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import Run, assert_same_adapter, one_error_line
+from harness import Run, assert_same_adapter, one_error_line
 
 from litpeft.resume import checkpoint_step
 

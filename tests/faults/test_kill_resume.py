@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import METHODS, Run, assert_same_adapter
+from harness import METHODS, Run, assert_same_adapter
 
 FAST_TRIALS = 3  # LoRA, seeds 0-2; the slow test runs every method with more
 SLOW_TRIALS = 4
@@ -26,6 +26,7 @@ def _kill_and_resume(zygote: Any, reference: Any, data: Path, root: Path, method
     if run.n > 1 and "resuming from" not in out and run.has_checkpoint():
         pytest.fail("resumed without saying from which checkpoint")
     assert_same_adapter(ref.adapter, run.adapter)
+    assert not list(run.checkpoints.glob(".*"))  # killed saves' temporaries are gone
 
 
 @pytest.mark.parametrize("seed", range(FAST_TRIALS))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Run, assert_same_adapter, one_error_line
+from harness import Run, assert_same_adapter, one_error_line
 
 
 @pytest.mark.parametrize("kind", ["sigint", "sigterm"])
