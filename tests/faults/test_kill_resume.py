@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import METHODS, Run, assert_same_adapter
+from harness import METHODS, Run, assert_same_adapter, one_error_line
 
 FAST_TRIALS = 3  # LoRA, seeds 0-2; the slow test runs every method with more
 SLOW_TRIALS = 4
@@ -78,7 +78,6 @@ def test_resume_finds_the_run_checkpoint_across_logger_versions(
 def test_explicit_resume_without_checkpoint_is_an_error(
     zygote: Any, fault_data: Path, tmp_path: Path
 ) -> None:
-    from conftest import one_error_line
 
     run = Run(zygote, tmp_path / "run", fault_data)
     rc, out = run.fit(resume=True)
