@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
+MAX_STEPS = 12  # trainer.max_steps in tiny.yaml
 REPO = HERE.parents[1]
 
 #: every method, with its dropout switched on where it has one (exactness is about the random masks)
@@ -118,18 +119,35 @@ class Run:
         rc = self.zygote.wait(pid)
         return rc, log.read_text()
 
-    def has_checkpoint(self) -> bool:
-        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.ckpt"))
+    def newest_step(self) -> int | None:
+        """The highest step of any complete checkpoint anywhere in the run directory (``None``: none)."""
+        steps = [checkpoint_step(p) for p in self.root.rglob("*.ckpt")]
+        return max((s for s in steps if s is not None), default=None)
 
     def finish(self) -> str:
-        """What a user does after a crash: resume if a checkpoint is there, else start again."""
-        rc, out = self.fit(resume=self.has_checkpoint())
+        """What a user does after a crash: resume with ``--ckpt_path last`` if a checkpoint is there, else
+        start again; the run must continue at the newest checkpoint's step, not retrain from 0."""
+        expected = self.newest_step()
+        pid, log = self.start(resume=expected is not None)
+        rc = self.zygote.wait(pid)
+        out = log.read_text()
         assert rc == 0, out[-3000:]
+        first = run_info(log)["first_step"]
+        assert first == (expected or 0) or (first is None and expected == MAX_STEPS), (first, expected)
         return out
 
 
-def events(log_text_path: Path) -> int:
-    return int(Path(str(log_text_path) + ".events").read_text())
+def checkpoint_step(path: Path) -> int | None:
+    """The step saved in a checkpoint file, ``None`` if it does not load."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:
+        return None
+
+
+def run_info(log: Path) -> dict[str, Any]:
+    """What the plug counted in a run: ``events``, ``first_step`` (its first training step's global_step)."""
+    return json.loads(Path(str(log) + ".events").read_text())
 
 
 def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -202,7 +220,7 @@ def reference(zygote: Zygote, fault_data: Path, tmp_path_factory: pytest.TempPat
             pid, log = run.start()
             rc = zygote.wait(pid)
             assert rc == 0, log.read_text()[-3000:]
-            done[method] = (run, events(log))
+            done[method] = (run, run_info(log)["events"])
         return done[method]
 
     return get

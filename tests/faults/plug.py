@@ -26,7 +26,7 @@ from typing import Any
 
 from litpeft.module import PeftLM
 
-COUNT = {"events": 0}
+COUNT: dict[str, int | None] = {"events": 0, "first_step": None}
 
 
 def _write_half(f: Any, data: Any) -> None:
@@ -40,7 +40,7 @@ def install(fault: dict[str, Any]) -> None:
     state = {"disk_full": False}
 
     def event(in_write: Any = None, name: str = "", step: int | None = None) -> None:
-        COUNT["events"] += 1
+        COUNT["events"] = (COUNT["events"] or 0) + 1
         hit = COUNT["events"] == at or (step is not None and step == fault.get("step"))
         if kind == "disk_full":
             state["disk_full"] |= hit or (at == -1 and "step" not in fault)
@@ -103,6 +103,8 @@ def install(fault: dict[str, Any]) -> None:
         real_replace(src, dst, **kwargs)
 
     def training_step(self: PeftLM, *args: Any, **kwargs: Any) -> Any:
+        if COUNT["first_step"] is None:
+            COUNT["first_step"] = self.trainer.global_step
         event(step=self.trainer.global_step)
         return real_step(self, *args, **kwargs)
 

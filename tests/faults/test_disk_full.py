@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness import Run, assert_same_adapter, one_error_line
-
-from litpeft.resume import checkpoint_step
+from harness import Run, assert_same_adapter, checkpoint_step, one_error_line
 
 
 def _complete_checkpoints(run: Run) -> dict[str, int | None]:

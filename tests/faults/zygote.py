@@ -2,7 +2,7 @@
 
 Reads JSON lines on stdin: ``{"run": {"argv": [...], "log": path, "fault": {...}}}`` starts a child and
 answers ``{"pid": N}``; ``{"wait": N}`` waits for it and answers ``{"rc": code}`` (``-signal`` when a
-signal ended it). Each child sends its output to ``log`` and writes its event count to ``log + ".events"``.
+signal ended it). Each child sends its output to ``log`` and writes its event count and first training step to ``log + ".events"`` (JSON).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def child(req: dict) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     with open(req["log"] + ".events", "w") as f:
-        f.write(str(plug.COUNT["events"]))
+        f.write(json.dumps(plug.COUNT))
     os._exit(code)
 
 
