@@ -52,7 +52,10 @@ def stable_checkpoint_dirs(trainer: pl.Trainer) -> list[Path]:
 
 def checkpoint_step(path: str | os.PathLike[str]) -> int | None:
     """The ``global_step`` saved in ``path``, or ``None`` if it does not load (truncated, not a checkpoint)."""
+    path = Path(path)
     try:
+        if path.is_dir():  # a sharded checkpoint (torch.distributed.checkpoint): the loop state is in meta.pt
+            return int(torch.load(path / "meta.pt", map_location="cpu", weights_only=True)["global_step"])
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return int(ckpt["global_step"])
     except Exception:  # any unreadable file is skipped: a resume never starts from it
@@ -64,7 +67,7 @@ def find_last_checkpoint(dirs: list[Path]) -> tuple[Path, int] | None:
 
     Hidden files (an interrupted save's temporary copy) are never candidates.
     """
-    files = [p for d in dirs if d.is_dir() for p in d.glob("*.ckpt") if p.is_file()]
+    files = [p for d in dirs if d.is_dir() for p in d.glob("*.ckpt")]
     for path in sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         step = checkpoint_step(path)
         if step is not None:

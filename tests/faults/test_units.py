@@ -48,3 +48,11 @@ def test_run_lock_names_its_holder_and_is_released(tmp_path: Path) -> None:
     second.acquire()
     assert second.held
     second.release()
+
+
+def test_a_sharded_checkpoint_directory_counts_with_its_meta_step(tmp_path: Path) -> None:
+    (tmp_path / "last.ckpt").mkdir()
+    torch.save({"global_step": 9}, tmp_path / "last.ckpt" / "meta.pt")
+    (tmp_path / "epoch=0-step=3.ckpt").mkdir()  # no meta.pt yet: an unfinished sharded save
+    os.utime(tmp_path / "last.ckpt", ns=(1, 1))
+    assert find_last_checkpoint([tmp_path]) == (tmp_path / "last.ckpt", 9)
