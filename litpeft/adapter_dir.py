@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from litpeft.data.prompts import PromptStyle, get_style, style_name
 from litpeft.errors import LitPeftError
-from litpeft.files import atomic_path
+from litpeft.files import write_atomic
 from litpeft.methods import PeftMethod, method_from_config
 from litpeft.models import load_model, load_tokenizer, pinned_spec
 from litpeft.quantize import quantize_model
@@ -82,8 +82,8 @@ def write_adapter(
     """Write ``tensors`` of ``method`` as an adapter of the base ``base_spec`` (``model`` is that base)."""
     directory = Path(directory)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    with atomic_path(directory / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    weights = save(tensors, metadata={"format": "pt"})
+    write_atomic(directory / WEIGHTS, lambda f: f.write(weights), what="adapter weights")
     meta = {
         "base_model": pinned_spec(base_spec),
         "base_fingerprint": fingerprint or base_fingerprint(model),
@@ -92,8 +92,8 @@ def write_adapter(
         "quantize": quantize,
         "trainable_parameters": sum(v.numel() for v in tensors.values()),
     }
-    with atomic_path(directory / CONFIG) as tmp:
-        tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
+    text = yaml.safe_dump(meta, sort_keys=False).encode()
+    write_atomic(directory / CONFIG, lambda f: f.write(text), what="adapter config")
     return directory
 
 

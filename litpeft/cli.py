@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from litpeft.commands import COMMANDS
@@ -22,6 +24,7 @@ from litpeft.data import InstructionDataModule
 from litpeft.errors import LitPeftError
 from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
+from litpeft.resume import STOPPED_BY_SIGTERM, lock_run, make_resumable, resolve_ckpt_path
 from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
@@ -59,12 +62,15 @@ class LitPeftCLI(LightningCLI):
         check_slurm_layout(trainer)  # a clear error instead of a DDP hang when the job and Trainer disagree
         if is_slurm_job() and not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
             trainer.callbacks.append(PreemptionCheckpoint())
+        make_resumable(trainer)  # atomic checkpoints, one checkpoint dir per run, the run-directory lock
         return trainer
 
     def before_fit(self) -> None:
         # Under SLURM, resume from the preemption checkpoint when this (requeued) job wrote one.
         config = self.config_init[self.subcommand]
-        config["ckpt_path"] = auto_resume_checkpoint(self.trainer, config.get("ckpt_path"))
+        lock_run(self.trainer)  # one fit per run directory; a second one stops here with one line
+        ckpt_path = auto_resume_checkpoint(self.trainer, config.get("ckpt_path"))
+        config["ckpt_path"] = resolve_ckpt_path(self.trainer, ckpt_path)  # `last`: the run's newest
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI would build the optimizer now, from all parameters of a model that does not exist
@@ -165,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
             TOOLS[argv[0]](argv[1:])
         else:
             LitPeftCLI(args=None if from_command_line else argv, parser_kwargs={"exit_on_error": False})
+    except SIGTERMException:  # a SystemExit without a code: exit 0, as if the run had finished
+        print(STOPPED_BY_SIGTERM, file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+from litpeft.errors import LitPeftError
 
 
 def cache_dir() -> Path:
@@ -92,3 +95,27 @@ def atomic_path(
             commit(tmp, path, fsync=fsync)
     finally:
         remove(tmp)
+
+
+class DiskWriteError(LitPeftError):
+    """A file could not be written (disk full, read-only, quota): the previous version is kept."""
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], what: str = "file") -> Path:
+    """Write ``path`` completely or not at all, on any local filesystem.
+
+    ``write(f)`` fills a temporary sibling (same directory, so the rename never crosses filesystems)
+    opened with the builtin ``open``; it is fsynced, renamed over ``path`` with ``os.replace`` and the
+    directory entry is fsynced. An ``OSError`` (disk full, quota, read-only) removes the temporary file,
+    leaves any previous ``path`` untouched and is raised as :class:`DiskWriteError` (one line for the CLI).
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise DiskWriteError(f"cannot write {what} {path}: {reason} (nothing was replaced)") from e
+    return path

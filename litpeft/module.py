@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import instantiate_class
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
@@ -22,6 +23,7 @@ from litpeft.methods import LoRA, PeftMethod
 from litpeft.methods.attention import CPU_SDPA
 from litpeft.models import checkpoint_dtype, describe, load_model, load_tokenizer
 from litpeft.quantize import QuantMode, check_mode, quantize_model
+from litpeft.rng_state import TrainingRNG
 from litpeft.schedulers import build_lr_scheduler
 from litpeft.slurm import was_preempted
 from litpeft.speedups import SPEEDUPS
@@ -287,6 +289,9 @@ class PeftLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: trainable tensors only ----------------------------------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        return [TrainingRNG()]  # dropout masks after a resume are those of the uninterrupted run
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         state = checkpoint["state_dict"]

@@ -30,7 +30,7 @@ def test_fit_end_to_end_from_a_config(tmp_path: Path, word_data: Path) -> None:
     assert (run / "adapter" / "adapter.safetensors").is_file() and (
         run / "adapter" / "adapter.yaml"
     ).is_file()
-    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "runs" / "checkpoints" / "last.ckpt").is_file()  # one checkpoint dir per run
     meta = yaml.safe_load((run / "adapter" / "adapter.yaml").read_text())
     assert meta["base_model"] == "tiny:llama" and meta["method"]["class_path"] == "litpeft.methods.lora.LoRA"
     assert meta["prompt_style"] == "chat_template"

@@ -65,3 +65,40 @@ def test_cache_dir_follows_the_environment(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("LITPEFT_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "litpeft"
+
+
+def test_write_atomic_disk_full_keeps_the_old_file_and_says_so_in_one_line(tmp_path: Path) -> None:
+    import errno
+
+    from litpeft.files import DiskWriteError, write_atomic
+
+    target = tmp_path / "last.ckpt"
+    write_atomic(target, lambda f: f.write(b"old complete"))
+
+    def half_then_full(f) -> None:
+        f.write(b"new, ha")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskWriteError) as info:
+        write_atomic(target, half_then_full, what="checkpoint")
+    assert (
+        str(info.value) == f"cannot write checkpoint {target}: No space left on device (nothing was replaced)"
+    )
+    assert target.read_bytes() == b"old complete"
+    assert _hidden_leftovers(tmp_path) == []
+
+
+def test_write_atomic_fsyncs_the_file_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from litpeft.files import write_atomic
+
+    calls: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    assert calls.index("fsync") < calls.index("replace")
+    assert calls[-1] == "fsync"  # the directory entry too
