@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from litpeft.errors import LitPeftError
 
 
 def cache_dir() -> Path:
@@ -92,3 +95,24 @@ def atomic_path(
             commit(tmp, path, fsync=fsync)
     finally:
         remove(tmp)
+
+
+def check_writable(path: str | os.PathLike[str], what: str) -> None:
+    """Fail unless a file can be created at ``path`` (its nearest existing ancestor takes a probe file).
+
+    ``os.access`` says yes to root on a read-only filesystem's directory and under ``/proc``; creating (and
+    removing) a file is the test that holds.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise LitPeftError(f"{what} '{path}' exists and is not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LitPeftError(f"{what} '{path}': '{parent}' is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".litpeft-probe-"):
+            pass
+    except OSError as e:
+        raise LitPeftError(f"{what} '{path}' cannot be written ({e.strerror or e})") from None
