@@ -150,7 +150,9 @@ def check_output_dir(output: str | Path, overwrite: bool, ours: tuple[str, ...] 
             f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only litpeft's own output: "
             "choose another --output or move them"
         )
-    check_writable(output.parent if not output.exists() else output, "--output")
+    check_writable(
+        output.absolute().parent, f"--output '{output}': its directory"
+    )  # the new copy goes beside it
     return output
 
 

@@ -75,12 +75,16 @@ CASES = [
     Case("method-unknown-short", fit("--model.method.class_path", "lora2"), "lora2"),
     Case(
         "prompt-tuning-zero-tokens",
-        fit("--model.method", "{class_path: litpeft.methods.PromptTuning, init_args: {num_virtual_tokens: 0}}"),
+        fit(
+            "--model.method", "{class_path: litpeft.methods.PromptTuning, init_args: {num_virtual_tokens: 0}}"
+        ),
         "num_virtual_tokens: 0",
     ),
     Case(
         "adapter-bottleneck-zero",
-        fit("--model.method", "{class_path: litpeft.methods.HoulsbyAdapter, init_args: {bottleneck_size: 0}}"),
+        fit(
+            "--model.method", "{class_path: litpeft.methods.HoulsbyAdapter, init_args: {bottleneck_size: 0}}"
+        ),
         "bottleneck_size: 0",
     ),
     # -- optimizer, scheduler, trainer, module ------------------------------------------------------
@@ -128,8 +132,14 @@ CASES = [
     Case("config-not-yaml", ("fit", "--config", "{fx}/broken.yaml"), "broken.yaml"),
     Case("config-a-list", ("fit", "--config", "{fx}/list.yaml"), "list.yaml"),
     # -- output paths of fit ------------------------------------------------------------------------
-    Case("fit-root-under-proc", fit("--trainer.default_root_dir", "/proc/litpeft_runs"), "/proc/litpeft_runs"),
-    Case("fit-adapter-dir-under-sys", fit("--model.adapter_dir", "/sys/litpeft_adapter"), "/sys/litpeft_adapter"),
+    Case(
+        "fit-root-under-proc", fit("--trainer.default_root_dir", "/proc/litpeft_runs"), "/proc/litpeft_runs"
+    ),
+    Case(
+        "fit-adapter-dir-under-sys",
+        fit("--model.adapter_dir", "/sys/litpeft_adapter"),
+        "/sys/litpeft_adapter",
+    ),
     Case(
         "fit-root-under-a-file",
         fit("--trainer.default_root_dir", "notes.txt/runs"),
@@ -140,9 +150,21 @@ CASES = [
     Case("gen-adapter-missing", ("generate", "--adapter", "nope", *PROMPT), "nope"),
     Case("gen-adapter-not-adapter", ("generate", "--adapter", "{fx}", *PROMPT), "not a litpeft adapter"),
     Case("gen-adapter-bad-yaml", ("generate", "--adapter", "{fx}/bad_yaml", *PROMPT), "adapter.yaml"),
-    Case("gen-adapter-truncated", ("generate", "--adapter", "{fx}/truncated_adapter", *PROMPT), "adapter.safetensors"),
-    Case("gen-adapter-r-negative", ("generate", "--adapter", "{fx}/r_negative", *PROMPT), "method.init_args.r: -1"),
-    Case("gen-adapter-method-unknown", ("generate", "--adapter", "{fx}/method_unknown", *PROMPT), "NoSuchMethod"),
+    Case(
+        "gen-adapter-truncated",
+        ("generate", "--adapter", "{fx}/truncated_adapter", *PROMPT),
+        "adapter.safetensors",
+    ),
+    Case(
+        "gen-adapter-r-negative",
+        ("generate", "--adapter", "{fx}/r_negative", *PROMPT),
+        "method.init_args.r: -1",
+    ),
+    Case(
+        "gen-adapter-method-unknown",
+        ("generate", "--adapter", "{fx}/method_unknown", *PROMPT),
+        "NoSuchMethod",
+    ),
     Case("gen-model-garbage-gguf", ("generate", "--model", "{fx}/garbage.gguf", *PROMPT), "garbage.gguf"),
     Case(
         "gen-model-truncated",
@@ -187,10 +209,22 @@ CASES = [
         ("evaluate", "--adapter", "{fx}/lora", "--data", "{fx}/prompts.jsonl", "--output", "e.json"),
         "prompts.jsonl",
     ),
-    Case("eval-batch-zero", ("evaluate", "--model", "tiny:llama", "--data", "{fx}/train.jsonl", "--batch_size", "0"), "--batch_size"),
+    Case(
+        "eval-batch-zero",
+        ("evaluate", "--model", "tiny:llama", "--data", "{fx}/train.jsonl", "--batch_size", "0"),
+        "--batch_size",
+    ),
     Case(
         "eval-output-under-proc",
-        ("evaluate", "--model", "tiny:llama", "--data", "{fx}/train.jsonl", "--output", "/proc/litpeft/e.json"),
+        (
+            "evaluate",
+            "--model",
+            "tiny:llama",
+            "--data",
+            "{fx}/train.jsonl",
+            "--output",
+            "/proc/litpeft/e.json",
+        ),
         "/proc/litpeft/e.json",
     ),
     Case(
@@ -214,11 +248,25 @@ CASES = [
         files={"m/notes.txt": "mine\n", "m/config.json": "{}\n"},
         fast=True,
     ),
-    Case("merge-output-under-proc", ("merge", "--adapter", "{fx}/lora", "--output", "/proc/litpeft_m"), "/proc/litpeft_m"),
-    Case("merge-output-a-file", ("merge", "--adapter", "{fx}/lora", "--output", "m"), "'m'", files={"m": "x"}),
-    Case("merge-dtype-unknown", ("merge", "--adapter", "{fx}/lora", "--output", "m", "--dtype", "int3"), "dtype"),
+    Case(
+        "merge-output-under-proc",
+        ("merge", "--adapter", "{fx}/lora", "--output", "/proc/litpeft_m"),
+        "/proc/litpeft_m",
+    ),
+    Case(
+        "merge-output-a-file", ("merge", "--adapter", "{fx}/lora", "--output", "m"), "'m'", files={"m": "x"}
+    ),
+    Case(
+        "merge-dtype-unknown",
+        ("merge", "--adapter", "{fx}/lora", "--output", "m", "--dtype", "int3"),
+        "dtype",
+    ),
     Case("merge-adapter-missing", ("merge", "--adapter", "nope", "--output", "m"), "nope"),
-    Case("export-format-unknown", ("export", "--adapter", "{fx}/lora", "--output", "p", "--format", "onnx"), "format"),
+    Case(
+        "export-format-unknown",
+        ("export", "--adapter", "{fx}/lora", "--output", "p", "--format", "onnx"),
+        "format",
+    ),
     Case("export-not-exportable", ("export", "--adapter", "{fx}/houlsby", "--output", "p"), "houlsby"),
     Case(
         "export-overwrite-foreign-dir",
@@ -226,7 +274,11 @@ CASES = [
         "notes.txt",
         files={"p/notes.txt": "mine\n"},
     ),
-    Case("export-output-under-sys", ("export", "--adapter", "{fx}/lora", "--output", "/sys/litpeft_p"), "/sys/litpeft_p"),
+    Case(
+        "export-output-under-sys",
+        ("export", "--adapter", "{fx}/lora", "--output", "/sys/litpeft_p"),
+        "/sys/litpeft_p",
+    ),
     # -- download and the command line --------------------------------------------------------------
     Case("download-not-hub-id", ("download", "./local/dir"), "./local/dir"),
     Case("download-revision-conflict", ("download", "org/name@v1", "--revision", "v2"), "--revision"),
@@ -236,7 +288,9 @@ CASES = [
 
 
 def _write_fixtures(fx: Path) -> None:
-    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["apple", "river"] * 6]
+    rows = [
+        {"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in ["apple", "river"] * 6
+    ]
     write_jsonl(fx / "train.jsonl", rows)
     write_jsonl(fx / "prompts.jsonl", [{"prompt": "Say hi."}, {"prompt": "Say bye."}])
     (fx / "empty.jsonl").write_text("")
@@ -244,7 +298,9 @@ def _write_fixtures(fx: Path) -> None:
     config = yaml.safe_load((REPO / "configs" / "lora.yaml").read_text())
     config["model"]["init_args"]["model"] = "tiny:llama"
     config["data"]["init_args"].update(train_file=str(fx / "train.jsonl"), batch_size=4, max_seq_length=64)
-    config["trainer"].update(max_steps=1, precision="32-true", default_root_dir="runs", enable_progress_bar=False)
+    config["trainer"].update(
+        max_steps=1, precision="32-true", default_root_dir="runs", enable_progress_bar=False
+    )
     (fx / "tiny.yaml").write_text(yaml.safe_dump(config))
     (fx / "empty.yaml").write_text("")
     (fx / "broken.yaml").write_text("model: {init_args: [\n")
@@ -272,7 +328,9 @@ def _write_fixtures(fx: Path) -> None:
         "bad_yaml": ("method: {class_path: [\n", lora_weights),
         "truncated_adapter": (lora_yaml, lora_weights[: len(lora_weights) // 2]),
         "r_negative": (
-            yaml.safe_dump({**meta, "method": {**meta["method"], "init_args": {**meta["method"]["init_args"], "r": -1}}}),
+            yaml.safe_dump(
+                {**meta, "method": {**meta["method"], "init_args": {**meta["method"]["init_args"], "r": -1}}}
+            ),
             lora_weights,
         ),
         "method_unknown": (yaml.safe_dump({**meta, "method": {"class_path": "NoSuchMethod"}}), lora_weights),
@@ -311,7 +369,12 @@ def run_case(case: Case, fx: Path, work: Path) -> Outcome:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     argv = [a.replace("{fx}", str(fx)) for a in case.argv]
     result = subprocess.run(
-        [sys.executable, "-m", "litpeft", *argv], cwd=cwd, capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "litpeft", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     after = snapshot(cwd)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
@@ -329,11 +392,15 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run_all(cases: list[Case], fx: Path, work: Path) -> dict[str, Outcome]:
+    """Each case's outcome; ``"fixtures"``: the shared fixture files any of them changed."""
     before = snapshot(fx)
     with ThreadPoolExecutor(2) as pool:
-        outcomes = dict(zip([c.id for c in cases], pool.map(lambda c: run_case(c, fx, work), cases), strict=True))
+        outcomes = dict(
+            zip([c.id for c in cases], pool.map(lambda c: run_case(c, fx, work), cases), strict=True)
+        )
     after = snapshot(fx)
-    assert before == after, sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    outcomes["fixtures"] = Outcome(0, "", "", changed)
     return outcomes
 
 
@@ -367,8 +434,16 @@ def test_bad_input_fast(case: Case, fast_outcomes: dict[str, Outcome], fixtures:
     check(case, fast_outcomes[case.id], fixtures)
 
 
+def test_fast_slice_leaves_fixtures_alone(fast_outcomes: dict[str, Outcome]) -> None:
+    assert not fast_outcomes["fixtures"].changed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in CASES if not c.fast], ids=lambda c: c.id)
 def test_bad_input(case: Case, slow_outcomes: dict[str, Outcome], fixtures: Path) -> None:
     check(case, slow_outcomes[case.id], fixtures)
 
+
+@pytest.mark.slow
+def test_catalogue_leaves_fixtures_alone(slow_outcomes: dict[str, Outcome]) -> None:
+    assert not slow_outcomes["fixtures"].changed
