@@ -14,11 +14,12 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
 from litpeft.commands import COMMANDS
 from litpeft.data import InstructionDataModule
-from litpeft.errors import InvalidArgument, find_cause, parse_error_line
+from litpeft.errors import InvalidArgument, LitPeftError, find_cause, parse_error_line
 from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
 from litpeft.preflight import check_config_files, check_fit
@@ -55,7 +56,10 @@ class LitPeftCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:  # Lightning checks its own arguments here
+            raise LitPeftError(f"trainer: {str(e).strip().splitlines()[0]}") from None
         check_slurm_layout(trainer)  # a clear error instead of a DDP hang when the job and Trainer disagree
         if is_slurm_job() and not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
             trainer.callbacks.append(PreemptionCheckpoint())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from litpeft.adapter_dir import read_adapter_config, read_adapter_weights, write
 from litpeft.data.prompts import Message, style_name
 from litpeft.data.readers import HUB_DATASET_FILES
 from litpeft.deprecation import moved_names
-from litpeft.errors import LitPeftError
+from litpeft.errors import LitPeftError, parse_error_line
 from litpeft.evaluation import generation_metrics, token_metrics
 from litpeft.files import atomic_path, check_writable
 from litpeft.inference import (
@@ -397,7 +398,11 @@ def download(
 # -- the CLI entry points ---------------------------------------------------------------------------
 def _run(function: Callable[..., Any], name: str, positional: bool = False) -> Callable[[list[str]], None]:
     def main(argv: list[str]) -> None:
-        CLI(function, args=argv, as_positional=positional, prog=f"litpeft {name}")
+        try:
+            CLI(function, args=argv, as_positional=positional, prog=f"litpeft {name}", exit_on_error=False)
+        except ArgumentError as e:  # one line naming the flag, as the Trainer commands do
+            line = parse_error_line(str(e))
+            raise LitPeftError(line if line.startswith(("unrecognized", "--")) else "--" + line) from None
 
     main.__doc__ = f"litpeft {name}: {function.__doc__.splitlines()[0] if function.__doc__ else ''}"
     return main
