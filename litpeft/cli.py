@@ -22,7 +22,7 @@ from litpeft.data import InstructionDataModule
 from litpeft.errors import InvalidArgument, LitPeftError, find_cause, parse_error_line
 from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
-from litpeft.preflight import check_config_files, check_fit
+from litpeft.preflight import check_checkpoint, check_config_files, check_fit
 from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
@@ -64,6 +64,16 @@ class LitPeftCLI(LightningCLI):
         if is_slurm_job() and not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
             trainer.callbacks.append(PreemptionCheckpoint())
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit --ckpt_path here, before the run: an unreadable one is one line.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:
+            if find_cause(e) is None:
+                config = self.config.get(str(self.subcommand), self.config)
+                check_checkpoint(config.get("ckpt_path"))
+            raise
 
     def before_fit(self) -> None:
         # Under SLURM, resume from the preemption checkpoint when this (requeued) job wrote one.

@@ -36,6 +36,10 @@ _OPTIMIZER_WORDS = {"learning rate": "lr", "epsilon": "eps", "beta": "betas", "m
 def check_outputs(trainer: Trainer, model: LightningModule) -> None:
     """The run directory, the adapter directory and each checkpoint directory can be written."""
     check_writable(trainer.default_root_dir, "trainer.default_root_dir")
+    if trainer.accumulate_grad_batches < 1:
+        raise LitPeftError(
+            f"trainer.accumulate_grad_batches: {trainer.accumulate_grad_batches} is not allowed; a positive integer"
+        )
     adapter_dir = getattr(model, "adapter_dir", None)
     if adapter_dir:
         check_writable(adapter_dir, "model.adapter_dir")

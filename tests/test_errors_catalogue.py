@@ -234,7 +234,7 @@ CASES = [
         files={"e.json": "{}\n"},
     ),
     # -- merge and export ---------------------------------------------------------------------------
-    Case("merge-not-mergeable", ("merge", "--adapter", "{fx}/prompt", "--output", "m"), "prompt_tuning"),
+    Case("merge-not-mergeable", ("merge", "--adapter", "{fx}/prompt", "--output", "m"), "prompt tuning"),
     Case(
         "merge-output-not-empty",
         ("merge", "--adapter", "{fx}/lora", "--output", "m"),
@@ -267,7 +267,7 @@ CASES = [
         ("export", "--adapter", "{fx}/lora", "--output", "p", "--format", "onnx"),
         "format",
     ),
-    Case("export-not-exportable", ("export", "--adapter", "{fx}/houlsby", "--output", "p"), "houlsby"),
+    Case("export-not-exportable", ("export", "--adapter", "{fx}/houlsby", "--output", "p"), "Houlsby"),
     Case(
         "export-overwrite-foreign-dir",
         ("export", "--adapter", "{fx}/lora", "--output", "p", "--overwrite", "true"),
@@ -365,7 +365,9 @@ def run_case(case: Case, fx: Path, work: Path) -> Outcome:
         (cwd / rel).parent.mkdir(parents=True, exist_ok=True)
         (cwd / rel).write_text(text)
     before = snapshot(cwd)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", LITPEFT_CACHE=str(fx / "cache"), HF_HOME=str(fx / "hf"))
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", LITPEFT_CACHE=str(work / f"{case.id}.cache"), HF_HOME=str(fx / "hf")
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     argv = [a.replace("{fx}", str(fx)) for a in case.argv]
     result = subprocess.run(
