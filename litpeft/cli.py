@@ -71,7 +71,7 @@ class LitPeftCLI(LightningCLI):
             super()._parse_ckpt_path()
         except Exception as e:
             if find_cause(e) is None:
-                config = self.config.get(str(self.subcommand), self.config)
+                config = self.config.get(str(self.config.get("subcommand")), self.config)
                 check_checkpoint(config.get("ckpt_path"))
             raise
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def check_checkpoint(ckpt_path: Any) -> dict[str, Any] | None:
     if not path.is_file():
         raise LitPeftError(f"--ckpt_path '{ckpt_path}' is not a file (give a .ckpt file)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises several kinds (pickle, zip, EOF, runtime)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LitPeftError(
