@@ -62,6 +62,8 @@ def check_checkpoint(ckpt_path: Any) -> dict[str, Any] | None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises several kinds (pickle, zip, EOF, runtime)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "Weights only load failed" in first:  # torch's advice there (weights_only=False) is unsafe
+            first = "not a torch checkpoint, or one holding objects other than tensors"
         raise LitPeftError(
             f"--ckpt_path '{ckpt_path}' is not a readable checkpoint ({first[:200]})"
         ) from None
