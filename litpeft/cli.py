@@ -7,7 +7,6 @@ litpeft fit --config configs/lora.yaml --print_config   # the full config, runna
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import sys
 from argparse import ArgumentError
@@ -16,14 +15,15 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.optim import Optimizer
 
 from litpeft.commands import COMMANDS
 from litpeft.data import InstructionDataModule
-from litpeft.errors import LitPeftError
+from litpeft.errors import InvalidArgument, LitPeftError, find_cause, parse_error_line
 from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
+from litpeft.preflight import check_checkpoint, check_config_files, check_fit
 from litpeft.resume import STOPPED_BY_SIGTERM, lock_run, make_resumable, resolve_ckpt_path
 from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
 
@@ -58,19 +58,34 @@ class LitPeftCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as e:  # Lightning checks its own arguments here
+            raise LitPeftError(f"trainer: {str(e).strip().splitlines()[0]}") from None
         check_slurm_layout(trainer)  # a clear error instead of a DDP hang when the job and Trainer disagree
         if is_slurm_job() and not any(isinstance(c, PreemptionCheckpoint) for c in trainer.callbacks):
             trainer.callbacks.append(PreemptionCheckpoint())
         make_resumable(trainer)  # atomic checkpoints, one checkpoint dir per run, the run-directory lock
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads an explicit --ckpt_path here, before the run: an unreadable one is one line.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:
+            if find_cause(e) is None:
+                config = self.config.get(str(self.config.get("subcommand")), self.config)
+                check_checkpoint(config.get("ckpt_path"))
+            raise
+
     def before_fit(self) -> None:
         # Under SLURM, resume from the preemption checkpoint when this (requeued) job wrote one.
         config = self.config_init[self.subcommand]
-        lock_run(self.trainer)  # one fit per run directory; a second one stops here with one line
         ckpt_path = auto_resume_checkpoint(self.trainer, config.get("ckpt_path"))
-        config["ckpt_path"] = resolve_ckpt_path(self.trainer, ckpt_path)  # `last`: the run's newest
+        ckpt_path = resolve_ckpt_path(self.trainer, ckpt_path)  # `last`: the run's newest
+        check_fit(self.trainer, self.model, ckpt_path)  # bad input fails before anything is written
+        lock_run(self.trainer)  # one fit per run directory; a second one stops here with one line
+        config["ckpt_path"] = ckpt_path
 
     def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
         # LightningCLI would build the optimizer now, from all parameters of a model that does not exist
@@ -94,37 +109,14 @@ class LitPeftCLI(LightningCLI):
 
 def _user_error(exc: BaseException) -> str | None:
     """The one line to show for ``exc``: a LitPeftError anywhere in its chain, or a compact parse error."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, LitPeftError):
-            return str(e)
-        todo += [e.__cause__, e.__context__]
+    found = find_cause(exc)
+    if isinstance(found, InvalidArgument) and found.scope == "method":
+        found = found.under("model.method.init_args.")  # where a fit's config holds the method's arguments
+    if found is not None:
+        return str(found)
     if isinstance(exc, ArgumentError):
-        return _compact_parse_error(str(exc))
+        return parse_error_line(str(exc), sorted(METHODS))
     return None
-
-
-def _compact_parse_error(message: str) -> str:
-    """jsonargparse explains a bad value with a nested list of every subtype it tried; keep the cause."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    for pattern, template in (
-        (r"Option '([^']+)' is not accepted", "unknown option '{0}'"),
-        (r'Key "([^"]+)" is not expected', "unknown config key '{0}'"),
-        (r"Expected a dot import path string: (\S+)", "unknown class '{0}' (built-in methods: {methods})"),
-        (r"Import path (\S+) does not correspond", "unknown class '{0}' (built-in methods: {methods})"),
-        (r"No module named '([^']+)'", "cannot import '{0}'"),
-    ):
-        for ln in lines:
-            m = re.search(pattern, ln)
-            if m:
-                key = re.search(r'Parser key "([^"]+)"', message)
-                where = f"{key.group(1)}: " if key and "{methods}" not in template else ""
-                return where + template.format(*m.groups(), methods=", ".join(sorted(METHODS)))
-    return lines[0] if len(lines) == 1 else "; ".join(lines[:2])
 
 
 TRAINER_COMMANDS = {
@@ -167,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        check_config_files(argv)
         if argv and argv[0] in TOOLS:
             TOOLS[argv[0]](argv[1:])
         else:

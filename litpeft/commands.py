@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,10 +33,17 @@ from litpeft.adapter_dir import read_adapter_config, read_adapter_weights, write
 from litpeft.data.prompts import Message, style_name
 from litpeft.data.readers import HUB_DATASET_FILES
 from litpeft.deprecation import moved_names
-from litpeft.errors import LitPeftError
+from litpeft.errors import LitPeftError, parse_error_line
 from litpeft.evaluation import generation_metrics, token_metrics
-from litpeft.files import atomic_path
-from litpeft.inference import Dtype, load_for_inference, parse_dtype, read_conversations, sampling_options
+from litpeft.files import atomic_path, check_writable
+from litpeft.inference import (
+    Dtype,
+    load_for_inference,
+    parse_device,
+    parse_dtype,
+    read_conversations,
+    sampling_options,
+)
 from litpeft.methods import method_from_config
 from litpeft.models import checkpoint_dtype, hub_ref, resolve_spec
 from litpeft.serve.server import adapter_flags, serve
@@ -44,9 +52,25 @@ log = logging.getLogger(__name__)
 
 
 def _write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as e:  # e.g. the disk filled up: the old file (if any) is left as it was
+        raise LitPeftError(f"could not write '{path}': {e.strerror or e}") from None
+
+
+def _check_output_file(path: str | None, overwrite: bool, flag: str = "--output") -> None:
+    """An output file may be written: not a directory, not an existing file unless ``overwrite`` (as
+    ``merge``/``export`` refuse a non-empty directory), and its directory can take a new file."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise LitPeftError(f"{flag} '{path}' is a directory; give a file name")
+    if target.exists() and not overwrite:
+        raise LitPeftError(f"{flag} '{path}' exists (pass --overwrite true to replace it)")
+    check_writable(target.parent, f"{flag} '{path}': its directory")
 
 
 def _positive(**values: int | None) -> None:
@@ -74,6 +98,7 @@ def generate(
     device: str = "auto",
     trust_remote_code: bool = False,
     allow_other_base: bool = False,
+    overwrite: bool = False,
 ) -> None:
     """Generate text with a base model or a trained adapter.
 
@@ -99,6 +124,7 @@ def generate(
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``, ...
         trust_remote_code: allow code from the model directory to run.
         allow_other_base: use the adapter on a base whose weights differ from the one it was trained on.
+        overwrite: replace an existing ``--output`` file.
     """
     if input is not None and output is None:
         raise LitPeftError("--input needs --output (a JSONL file for the answers)")
@@ -107,8 +133,10 @@ def generate(
     if prompt is not None and input is not None:
         raise LitPeftError("give either --prompt or --input, not both")
     sampling_options(temperature, top_p)  # fail before loading the model
-    if max_new_tokens <= 0 or batch_size <= 0:
-        raise LitPeftError("--max_new_tokens and --batch_size must be positive")
+    _positive(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    parse_dtype(dtype)
+    parse_device(device)
+    _check_output_file(output, overwrite)
     rows = read_conversations(input) if input is not None else None
     loaded = load_for_inference(
         adapter, model, dtype, device, prompt_style, trust_remote_code, allow_other_base
@@ -162,6 +190,7 @@ def evaluate(
     device: str = "auto",
     trust_remote_code: bool = False,
     allow_other_base: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a trained adapter (or a base model) on a validation file; write a JSON summary.
 
@@ -185,6 +214,8 @@ def evaluate(
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ...
         trust_remote_code: allow code from the model directory to run.
         allow_other_base: use the adapter on a base whose weights differ from the one it was trained on.
+        overwrite: replace an existing ``--output`` or ``--predictions`` file (the default summary file in
+            the adapter directory is always replaced).
     """
     _positive(
         limit=limit, max_seq_length=max_seq_length, batch_size=batch_size, max_new_tokens=max_new_tokens
@@ -193,6 +224,12 @@ def evaluate(
         output_path = None
     else:
         output_path = Path(output) if output else Path(adapter) / f"eval-{Path(data).stem}.json"
+    parse_dtype(dtype)
+    parse_device(device)
+    _check_output_file(output, overwrite)
+    _check_output_file(predictions, overwrite, "--predictions")
+    if output_path is not None and output is None:
+        check_writable(output_path.parent, f"evaluation summary '{output_path}': its directory")
     rows = read_conversations(data, need_reference=True)
     if limit is not None:
         rows = rows[:limit]
@@ -260,7 +297,8 @@ def merge(
     """
     meta = read_adapter_config(adapter)
     export.check_mergeable(method_from_config(meta["method"]))
-    export.check_output_dir(output, overwrite)
+    parse_dtype(dtype)
+    export.check_output_dir(output, overwrite, export.MERGED_FILES)
     loaded = load_for_inference(adapter, model, "float32", "cpu", None, trust_remote_code, allow_other_base)
     rest = loaded.method.unmerged_part(loaded.model)
     merged = export.merge(loaded.model, loaded.method)
@@ -306,7 +344,7 @@ def export_adapter(
     """
     meta = read_adapter_config(adapter)
     export.check_exportable(method_from_config(meta["method"]))
-    export.check_output_dir(output, overwrite)
+    export.check_output_dir(output, overwrite, export.PEFT_FILES)
     loaded = load_for_inference(adapter, model, None, "cpu", None, trust_remote_code, allow_other_base)
     state = read_adapter_weights(adapter)
     ref = hub_ref(loaded.base)
@@ -368,7 +406,11 @@ def _run(
 ) -> Callable[[list[str]], None]:
     def main(argv: list[str]) -> None:
         args = rewrite(argv) if rewrite else argv
-        CLI(function, args=args, as_positional=positional, prog=f"litpeft {name}")
+        try:
+            CLI(function, args=args, as_positional=positional, prog=f"litpeft {name}", exit_on_error=False)
+        except ArgumentError as e:  # one line naming the flag, as the Trainer commands do
+            line = parse_error_line(str(e))
+            raise LitPeftError(line if line.startswith(("unrecognized", "--")) else "--" + line) from None
 
     main.__doc__ = f"litpeft {name}: {function.__doc__.splitlines()[0] if function.__doc__ else ''}"
     return main

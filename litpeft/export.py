@@ -10,6 +10,7 @@ checked before any model is loaded. A directory is written under a temporary nam
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,27 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from litpeft.errors import LitPeftError
-from litpeft.files import atomic_path
+from litpeft.files import atomic_path, check_writable
 from litpeft.methods import PeftLayer, PeftMethod
 from litpeft.methods.base import refuse
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# What litpeft writes into an output directory: ``--overwrite`` replaces only a directory of these, so it
+# never deletes a user's other files.
+MERGED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "vocab.*",
+    "merges.txt",
+    "adapter",  # the part of a method that cannot be merged (LLaMA-Adapter v2's prompts)
+)
+PEFT_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, "README.md")
 
 
 def check_mergeable(method: PeftMethod) -> None:
@@ -75,7 +92,7 @@ def save_merged(
         target.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    return write_directory(output, write, overwrite)
+    return write_directory(output, write, overwrite, MERGED_FILES)
 
 
 def to_peft(
@@ -111,24 +128,42 @@ def save_peft(
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
 
-    return write_directory(output, write, overwrite)
+    return write_directory(output, write, overwrite, PEFT_FILES)
 
 
-def check_output_dir(output: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output directory (or a file) unless ``overwrite``; check it early."""
+def check_output_dir(output: str | Path, overwrite: bool, ours: tuple[str, ...] | None = None) -> Path:
+    """Refuse an existing non-empty output directory (or a file) unless ``overwrite``; with ``overwrite``,
+    refuse one that holds anything but the names in ``ours`` (what litpeft writes there: replacing the
+    directory would delete the rest). Checked before any model is loaded; the place must be writable."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise LitPeftError(f"--output '{output}' exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
+    entries = sorted(p.name for p in output.iterdir()) if output.is_dir() else []
+    if entries and not overwrite:
         raise LitPeftError(
             f"--output '{output}' exists and is not empty (pass --overwrite true to replace it)"
         )
+    foreign = [e for e in entries if ours is not None and not any(fnmatch.fnmatch(e, p) for p in ours)]
+    if foreign:
+        raise LitPeftError(
+            f"--output '{output}' holds files litpeft did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only litpeft's own output: "
+            "choose another --output or move them"
+        )
+    check_writable(
+        output.absolute().parent, f"--output '{output}': its directory"
+    )  # the new copy goes beside it
     return output
 
 
-def write_directory(output: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+def write_directory(
+    output: str | Path,
+    write: Callable[[Path], None],
+    overwrite: bool = False,
+    ours: tuple[str, ...] | None = None,
+) -> Path:
     """Run ``write(tmp)`` on a temporary sibling of ``output``, then move it into place in one rename."""
-    output = check_output_dir(output, overwrite)
+    output = check_output_dir(output, overwrite, ours)
     with atomic_path(output, directory=True) as tmp:
         write(tmp)
     return output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -119,3 +120,24 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         reason = e.strerror or str(e)
         raise DiskWriteError(f"cannot write {what} {path}: {reason} (nothing was replaced)") from e
     return path
+
+
+def check_writable(path: str | os.PathLike[str], what: str) -> None:
+    """Fail unless a file can be created at ``path`` (its nearest existing ancestor takes a probe file).
+
+    ``os.access`` says yes to root on a read-only filesystem's directory and under ``/proc``; creating (and
+    removing) a file is the test that holds.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise LitPeftError(f"{what} '{path}' exists and is not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LitPeftError(f"{what} '{path}': '{parent}' is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".litpeft-probe-"):
+            pass
+    except OSError as e:
+        raise LitPeftError(f"{what} '{path}' cannot be written ({e.strerror or e})") from None

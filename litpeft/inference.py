@@ -55,7 +55,15 @@ def parse_device(device: str) -> torch.device:
     """A torch device; ``auto`` is CUDA when available, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise LitPeftError(
+            f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:<index>"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise LitPeftError(f"--device '{device}': no CUDA device is available here (use cpu or auto)")
+    return parsed
 
 
 def load_for_inference(

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,37 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_weights(spec: str) -> None:
+    """Fail with one line when a local model's weights files are not what they claim to be: a ``.gguf``
+    without the GGUF magic, a ``.safetensors`` file whose header is unreadable or whose tensors run past
+    its end (a truncated download or copy). Reads headers only."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf") and path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise LitPeftError(f"model file '{spec}' is not a GGUF file (it does not start with 'GGUF')")
+    if not path.is_dir():
+        return
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if length > size - 8:
+                    raise ValueError(f"its header claims {length} bytes, the file has {size}")
+                header = json.loads(f.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, struct.error) as e:
+            raise LitPeftError(f"model weights '{file}' are not a readable safetensors file ({e})") from None
+        if 8 + length + end > size:
+            raise LitPeftError(
+                f"model weights '{file}' are truncated: {size} bytes, the tensors need {8 + length + end}"
+            )
+
+
 def convert_gguf(path: Path) -> Path:
     """Dequantize a GGUF file into a cached HF directory (safetensors) once; return that directory.
 
@@ -74,9 +107,13 @@ def convert_gguf(path: Path) -> Path:
     target = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
     if (target / "config.json").is_file():
         return target
+    check_weights(str(path))
     log.info("converting %s to safetensors under %s (once)", path.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as e:  # the GGUF reader raises many kinds on a damaged file
+        raise LitPeftError(_load_error(str(path), e)) from e
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -178,6 +215,7 @@ def load_model(
             model = model.to(dtype)
     else:
         source = resolve_spec(spec, trust_remote_code)
+        check_weights(source)
         try:
             with _read_in(dtypes or {}):
                 model = AutoModelForCausalLM.from_pretrained(
@@ -250,6 +288,7 @@ def checkpoint_dtype(spec: str) -> torch.dtype:
 __all__ = [
     "cache_dir",
     "checkpoint_dtype",
+    "check_weights",
     "convert_gguf",
     "describe",
     "hub_ref",

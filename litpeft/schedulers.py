@@ -10,6 +10,8 @@ from lightning.pytorch.cli import instantiate_class
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from litpeft.errors import check
+
 
 class WarmupCosine(LambdaLR):
     """Linear warmup from 0 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x the base LR.
@@ -24,6 +26,21 @@ class WarmupCosine(LambdaLR):
         total_steps: int | None = None,
         min_lr_ratio: float = 0.0,
     ) -> None:
+        check(warmup_steps >= 0, "warmup_steps", warmup_steps, "a number of steps, 0 or more", "scheduler")
+        check(
+            0 <= min_lr_ratio <= 1,
+            "min_lr_ratio",
+            min_lr_ratio,
+            "a fraction of the base LR in [0, 1]",
+            "scheduler",
+        )
+        check(
+            total_steps is None or total_steps > 0,
+            "total_steps",
+            total_steps,
+            "a positive integer or null",
+            "scheduler",
+        )
         if total_steps is None:
             raise ValueError(
                 "WarmupCosine needs total_steps (build it with build_lr_scheduler to take the trainer's)"

@@ -87,6 +87,17 @@ def test_user_subclass_by_class_path(tmp_path: Path, word_data: Path) -> None:
         (["--data.train_file", "missing.jsonl"], "data file 'missing.jsonl' does not exist"),
         (["--data.train_file", "BAD"], "BAD_PATH:2: field 'output' is missing or empty"),
         (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz"),
+        # a traceback of 84 lines before (the ValueError came out of jsonargparse's instantiation)
+        (
+            ["--model.method.init_args.r", "-1"],
+            "model.method.init_args.r: -1 is not allowed; LoRA's rank must be a positive integer",
+        ),
+        # "Does not validate against any of the Union subtypes" before
+        (["--model.method.init_args.r", "sixteen"], "model.method.init_args.r: 'sixteen' is not allowed"),
+        # a traceback from configure_optimizers, after lightning_logs/version_0 was written
+        (["--optimizer.init_args.lr", "-1"], "optimizer.init_args.lr: -1.0 is not allowed"),
+        # one line, but after lightning_logs/version_0/config.yaml was written
+        (["--model.method.init_args.target_modules", "[nope]"], "model.method.init_args.target_modules"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_writes_nothing(
@@ -132,3 +143,24 @@ def test_overview_lists_trainer_and_tool_commands(
     listed = {line.split()[0] for line in out.split("commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()}
     assert listed == {"fit", "validate", "test", "predict", *TOOLS}
     assert {"generate", "evaluate", "merge", "export"} <= set(TOOLS)
+
+
+def test_fit_writes_the_adapter_where_the_checks_passed(tmp_path: Path, word_data: Path) -> None:
+    """The checks before a fit (outputs, optimizer, checkpoint, a meta build of the method) pass a good
+    config with a single-string target, and the run trains exactly the layers that string names."""
+    result = run_cli(
+        "fit",
+        "--config",
+        str(_tiny_config(tmp_path, word_data)),
+        "--model.method.init_args.target_modules",
+        "q_proj",
+        "--trainer.max_steps",
+        "1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "runs" / "lightning_logs" / "version_0" / "adapter" / "adapter.safetensors"
+    layers = {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in load_file(str(adapter))}
+    assert layers == {"q_proj"}

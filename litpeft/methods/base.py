@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from litpeft.errors import LitPeftError
+from litpeft.errors import InvalidArgument, LitPeftError, check
 from litpeft.methods.families import check_family
 from litpeft.registry import resolve_class
 from litpeft.speedups import SPEEDUPS
@@ -213,13 +213,51 @@ def refuse(reason: str | None) -> None:
         raise LitPeftError(reason)
 
 
+def check_arg(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """A method's ``__init__`` check: ``InvalidArgument`` naming the argument unless ``ok``. The CLI shows
+    it as ``model.method.init_args.<key>: <value> is not allowed; <allowed>``."""
+    check(ok, key, value, allowed, scope="method")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_target_modules(target_modules: Any, key: str = "target_modules") -> None:
+    """A non-empty string (a regex, a name or ``all-linear``) or a non-empty list of names."""
+    if isinstance(target_modules, str):
+        check_arg(bool(target_modules.strip()), key, target_modules, "a layer name, a regex or all-linear")
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise InvalidArgument(
+                key, target_modules, f"not a valid regular expression ({e})", "method"
+            ) from None
+        return
+    check_arg(
+        isinstance(target_modules, (list, tuple))
+        and len(target_modules) > 0
+        and all(isinstance(t, str) and t for t in target_modules),
+        key,
+        target_modules,
+        "a non-empty list of layer names, a regex or all-linear",
+    )
+
+
 def method_from_config(config: dict[str, Any]) -> PeftMethod:
     """Build a method from ``{"class_path", "init_args"}``: a short name or an import path to a PeftMethod.
 
     The built-in methods are registered: importing this module runs ``litpeft/methods/__init__.py`` first.
     """
     cls = resolve_class(config.get("class_path", ""), METHODS, PeftMethod, "method")
-    return cls(**config.get("init_args", {}))
+    try:
+        return cls(**config.get("init_args", {}))
+    except InvalidArgument as e:
+        raise e.under("method.init_args.") from None
+
+
+def _plain_name(text: str) -> bool:
+    return re.fullmatch(r"\w+(\.\w+)*", text) is not None
 
 
 def find_targets(
@@ -229,25 +267,32 @@ def find_targets(
 
     Same rules as Hugging Face peft: a list matches a module whose name equals an entry or ends with
     ``"." + entry``; a string is a regular expression that must match the full name; ``"all-linear"``
-    selects every linear layer except the output (LM head) layer.
+    selects every linear layer except the output (LM head) layer. One addition: a string that matches no
+    full name but is a plain name (``q_proj``, ``self_attn.q_proj``) is taken as that one name, where peft
+    finds nothing (the regex ``q_proj`` never matches ``model.layers.0.self_attn.q_proj`` in full).
     """
     output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, layer_types) or module is output_layer:
-            continue
-        if target_modules == "all-linear":
-            hit = True
-        elif isinstance(target_modules, str):
-            hit = re.fullmatch(target_modules, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in target_modules)
-        if hit:
-            names.append(name)
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, layer_types) and module is not output_layer
+    ]
+    if target_modules == "all-linear":
+        names = candidates
+    elif isinstance(target_modules, str):
+        names = [n for n in candidates if re.fullmatch(target_modules, n) is not None]
+        if not names and _plain_name(target_modules):
+            names = [n for n in candidates if n == target_modules or n.endswith("." + target_modules)]
+    else:
+        names = [n for n in candidates if any(n == t or n.endswith("." + t) for t in target_modules)]
     if not names:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, layer_types)})
-        raise LitPeftError(
-            f"target_modules={target_modules!r} matched no layer; this model has: {', '.join(kinds)}"
+        what = "names" if isinstance(target_modules, list) else "a regex (full match) or name"
+        raise InvalidArgument(
+            "target_modules",
+            target_modules,
+            f"{what} that matched no layer; this model's layers are named: {', '.join(kinds)}",
+            "method",
         )
     return names
 

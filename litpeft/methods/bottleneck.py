@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from litpeft.errors import LitPeftError
-from litpeft.methods.base import PeftLayer, PeftMethod
+from litpeft.methods.base import PeftLayer, PeftMethod, check_arg
 from litpeft.methods.layout import (
     attach,
     decoder_layers,
@@ -126,14 +126,10 @@ class HoulsbyAdapter(PeftMethod):
                 f"(got bottleneck_size={bottleneck_size}, reduction_factor={reduction_factor})"
             )
         for option, value in (("bottleneck_size", bottleneck_size), ("reduction_factor", reduction_factor)):
-            if value is not None and value <= 0:
-                raise LitPeftError(f"{option} must be positive, got {value}")
-        if activation not in ACTIVATIONS:
-            raise LitPeftError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        if init not in ("normal", "zero_up"):
-            raise LitPeftError(f"init must be normal or zero_up, got {init!r}")
-        if placement not in ("houlsby", "pfeiffer"):
-            raise LitPeftError(f"placement must be houlsby or pfeiffer, got {placement!r}")
+            check_arg(value is None or value > 0, option, value, "a positive integer")
+        check_arg(activation in ACTIVATIONS, "activation", activation, f"one of: {', '.join(ACTIVATIONS)}")
+        check_arg(init in ("normal", "zero_up"), "init", init, "one of: normal, zero_up")
+        check_arg(placement in ("houlsby", "pfeiffer"), "placement", placement, "one of: houlsby, pfeiffer")
         self.bottleneck_size, self.reduction_factor = bottleneck_size, reduction_factor
         self.activation, self.init, self.init_std = activation, init, init_std
         self.placement, self.train_layer_norms = placement, train_layer_norms

@@ -35,7 +35,7 @@ from litpeft.methods.attention import (
     restore_attention,
     use_peft_attention,
 )
-from litpeft.methods.base import PeftLayer, PeftMethod, find_targets, refuse, replace_module
+from litpeft.methods.base import PeftLayer, PeftMethod, check_arg, find_targets, refuse, replace_module
 from litpeft.methods.layout import TrainableNorm, attach, attention_modules, detach, text_config, train_norms
 from litpeft.quantize import plain_layer
 
@@ -146,10 +146,13 @@ class LlamaAdapter(PeftMethod):
     def __init__(
         self, adapter_len: int = 10, adapter_layers: int | None = None, gate_per_head: bool = True
     ) -> None:
-        if adapter_len <= 0:
-            raise LitPeftError(f"adapter_len must be positive, got {adapter_len}")
-        if adapter_layers is not None and adapter_layers <= 0:
-            raise LitPeftError(f"adapter_layers must be positive, got {adapter_layers}")
+        check_arg(adapter_len > 0, "adapter_len", adapter_len, "a positive integer")
+        check_arg(
+            adapter_layers is None or adapter_layers > 0,
+            "adapter_layers",
+            adapter_layers,
+            "a positive integer (or null: every layer)",
+        )
         self.adapter_len, self.adapter_layers, self.gate_per_head = adapter_len, adapter_layers, gate_per_head
 
     def _top_layers(self, model: PreTrainedModel) -> list[nn.Module]:

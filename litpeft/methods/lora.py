@@ -32,7 +32,16 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
-from litpeft.methods.base import Dropout, PeftLayer, PeftMethod, find_targets, replace_module
+from litpeft.methods.base import (
+    Dropout,
+    PeftLayer,
+    PeftMethod,
+    _is_int,
+    check_arg,
+    check_target_modules,
+    find_targets,
+    replace_module,
+)
 from litpeft.quantize import plain_layer
 from litpeft.speedups import SPEEDUPS
 
@@ -198,7 +207,8 @@ class LoRA(PeftMethod):
         alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         dropout: dropout on the LoRA branch input.
         target_modules: layer names (suffix match), a regex (full match), or ``"all-linear"`` (every linear
-            layer except the LM head).
+            layer except the LM head). One string is a regex, as in peft; a plain name that matches no
+            full name (``q_proj``) is taken as that one name (see :func:`~litpeft.methods.base.find_targets`).
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
         use_dora: weight-decomposed LoRA (DoRA): adds a trainable magnitude per output feature.
         init: ``kaiming`` (uniform, as peft) or ``gaussian`` (std 1/r) for A; B is always 0.
@@ -220,8 +230,14 @@ class LoRA(PeftMethod):
         init: Literal["kaiming", "gaussian"] = "kaiming",
         bias: Literal["none", "lora_only", "all"] = "none",
     ) -> None:
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        check_arg(_is_int(r) and r > 0, "r", r, "LoRA's rank must be a positive integer")
+        check_arg(
+            alpha > 0, "alpha", alpha, "LoRA's alpha must be positive (the update is scaled by alpha / r)"
+        )
+        check_arg(0 <= dropout < 1, "dropout", dropout, "a dropout probability is in [0, 1)")
+        check_target_modules(target_modules)
+        check_arg(init in ("kaiming", "gaussian"), "init", init, "one of: kaiming, gaussian")
+        check_arg(bias in ("none", "lora_only", "all"), "bias", bias, "one of: none, lora_only, all")
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = (
             list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules

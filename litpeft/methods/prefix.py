@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.attention import AttentionState, register_attention_slot, use_peft_attention
-from litpeft.methods.base import Dropout, PeftMethod
+from litpeft.methods.base import Dropout, PeftMethod, check_arg
 from litpeft.methods.layout import (
     attach,
     attached,
@@ -174,14 +174,12 @@ class PrefixTuning(PeftMethod):
         embedding_dim: int | None = None,
         prefix_dropout: float = 0.0,
     ) -> None:
-        if num_virtual_tokens <= 0:
-            raise LitPeftError(f"num_virtual_tokens must be positive, got {num_virtual_tokens}")
-        if encoder_hidden_size is not None and encoder_hidden_size <= 0:
-            raise LitPeftError(f"encoder_hidden_size must be positive, got {encoder_hidden_size}")
-        if embedding_dim is not None and embedding_dim <= 0:
-            raise LitPeftError(f"embedding_dim must be positive, got {embedding_dim}")
-        if not 0.0 <= prefix_dropout < 1.0:
-            raise LitPeftError(f"prefix_dropout must be in [0, 1), got {prefix_dropout}")
+        check_arg(num_virtual_tokens > 0, "num_virtual_tokens", num_virtual_tokens, "a positive integer")
+        for option, value in (("encoder_hidden_size", encoder_hidden_size), ("embedding_dim", embedding_dim)):
+            check_arg(value is None or value > 0, option, value, "a positive integer (or null: the default)")
+        check_arg(
+            0.0 <= prefix_dropout < 1.0, "prefix_dropout", prefix_dropout, "a dropout probability in [0, 1)"
+        )
         self.num_virtual_tokens, self.prefix_projection = num_virtual_tokens, prefix_projection
         self.encoder_hidden_size, self.embedding_dim = encoder_hidden_size, embedding_dim
         self.prefix_dropout = prefix_dropout

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from litpeft.errors import LitPeftError
-from litpeft.methods.base import PeftMethod, refuse
+from litpeft.methods.base import PeftMethod, _is_int, check_arg, refuse
 from litpeft.methods.layout import attach, attached, decoder_backbone, hidden_size, max_positions, text_config
 from litpeft.methods.template import Block, PromptBlock, check_template
 from litpeft.methods.virtual_tokens import PromptEmbedding, PTuningEncoder
@@ -43,8 +43,7 @@ def _load_tokenizer(spec: str | None, model: PreTrainedModel, option: str) -> An
 
 
 def _check_num_virtual_tokens(n: int, max_positions: int | None = None) -> None:
-    if not isinstance(n, int) or n <= 0:
-        raise LitPeftError(f"num_virtual_tokens must be a positive integer, got {n!r}")
+    check_arg(_is_int(n) and n > 0, "num_virtual_tokens", n, "a positive integer")
     if max_positions is not None and n >= max_positions:
         raise LitPeftError(
             f"num_virtual_tokens={n} leaves no room for input in the model's context of {max_positions}"
@@ -94,8 +93,7 @@ class PromptTuning(PeftMethod):
         init_range: float = 0.5,
     ) -> None:
         _check_num_virtual_tokens(num_virtual_tokens)
-        if init not in ("random", "vocab", "text"):
-            raise LitPeftError(f"init must be random, vocab or text, got {init!r}")
+        check_arg(init in ("random", "vocab", "text"), "init", init, "one of: random, vocab, text")
         if init == "text" and not init_text:
             raise LitPeftError("init='text' needs init_text")
         self.num_virtual_tokens, self.init, self.init_text = num_virtual_tokens, init, init_text
@@ -199,14 +197,20 @@ class PTuning(PeftMethod):
         tokenizer: str | None = None,
     ) -> None:
         _check_num_virtual_tokens(num_virtual_tokens)
-        if encoder not in ("lstm", "mlp"):
-            raise LitPeftError(f"encoder must be lstm or mlp, got {encoder!r}")
-        if encoder_hidden_size is not None and encoder_hidden_size <= 0:
-            raise LitPeftError(f"encoder_hidden_size must be positive, got {encoder_hidden_size}")
-        if encoder_num_layers <= 0:
-            raise LitPeftError(f"encoder_num_layers must be positive, got {encoder_num_layers}")
-        if placement not in ("prefix", "split", "template"):
-            raise LitPeftError(f"placement must be prefix, split or template, got {placement!r}")
+        check_arg(encoder in ("lstm", "mlp"), "encoder", encoder, "one of: lstm, mlp")
+        check_arg(
+            encoder_hidden_size is None or encoder_hidden_size > 0,
+            "encoder_hidden_size",
+            encoder_hidden_size,
+            "a positive integer (or null: the model's hidden size)",
+        )
+        check_arg(encoder_num_layers > 0, "encoder_num_layers", encoder_num_layers, "a positive integer")
+        check_arg(
+            placement in ("prefix", "split", "template"),
+            "placement",
+            placement,
+            "one of: prefix, split, template",
+        )
         if placement == "split":
             if not split_marker:
                 raise LitPeftError(

@@ -128,7 +128,7 @@ def test_bf16(arch, mode, tok):
 def test_bad_configs_and_unsupported_architectures(tok):
     with pytest.raises(LitPeftError, match="bottleneck_size and reduction_factor"):
         HoulsbyAdapter(bottleneck_size=8, reduction_factor=4)
-    with pytest.raises(LitPeftError, match="bottleneck_size must be positive"):
+    with pytest.raises(LitPeftError, match="bottleneck_size: 0 is not allowed"):
         HoulsbyAdapter(bottleneck_size=0)
     with pytest.raises(LitPeftError, match="activation"):
         HoulsbyAdapter(activation="softmax")

@@ -135,9 +135,11 @@ def test_rslora_and_gaussian_init() -> None:
 
 
 def test_bad_config_errors_name_the_option() -> None:
-    with pytest.raises(LitPeftError, match="target_modules=.*matched no layer"):
+    with pytest.raises(
+        LitPeftError, match=r"target_modules: \[.nope.\] is not allowed; names that matched no layer"
+    ):
         LoRA(target_modules=["nope"]).apply(load_model("tiny:llama"))
-    with pytest.raises(ValueError, match="rank r must be positive"):
+    with pytest.raises(ValueError, match="r: 0 is not allowed; LoRA.s rank must be a positive integer"):
         LoRA(r=0)
 
 

@@ -188,7 +188,7 @@ def test_bad_configs(tok):
         PTuning(placement="split", num_before=1)
     with pytest.raises(LitPeftError, match="num_before"):
         PTuning(num_virtual_tokens=4, placement="split", num_before=4, split_marker=MARKER)
-    with pytest.raises(LitPeftError, match="encoder must be"):
+    with pytest.raises(LitPeftError, match="encoder: .* is not allowed; one of: lstm, mlp"):
         PTuning(encoder="gru")
     with pytest.raises(LitPeftError, match="num_virtual_tokens=600"):
         PTuning(num_virtual_tokens=600).apply(load_model("tiny:qwen2", tokenizer=tok))
