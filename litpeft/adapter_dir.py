@@ -44,6 +44,16 @@ def base_fingerprint(model: PreTrainedModel, embedding: torch.Tensor | None = No
     return f"{model.config.model_type}-{tuple(weight.shape)}-" + hashlib.sha256(sample).hexdigest()[:12]
 
 
+def base_fingerprints(model: PreTrainedModel) -> set[str]:
+    """The fingerprints ``model``'s base may have been trained under: its table as it is, and rounded to
+    bf16 and fp16 (an fp32 checkpoint trained under bf16-true held a bf16 table; one loaded now in fp32
+    or served in bf16 is the same base)."""
+    emb = model.get_input_embeddings().weight.detach().flatten()[:FINGERPRINT_ELEMENTS]
+    return {base_fingerprint(model)} | {
+        base_fingerprint(model, embedding=emb.to(dtype)) for dtype in (torch.bfloat16, torch.float16)
+    }
+
+
 def save_adapter(
     directory: str | Path,
     module: Any,
@@ -137,7 +147,7 @@ def load_adapter(
     if (
         not allow_other_base
         and meta.get("base_fingerprint")
-        and base_fingerprint(base) != meta["base_fingerprint"]
+        and meta["base_fingerprint"] not in base_fingerprints(base)
     ):
         raise LitPeftError(
             f"adapter '{directory}' was trained on base '{meta['base_model']}', which differs from "

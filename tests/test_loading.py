@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_helpers import fit_tiny_lora, save_other_base
 from lightning.pytorch import Trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from litpeft.adapter_dir import base_fingerprint
+from litpeft.adapter_dir import base_fingerprint, load_adapter
+from litpeft.errors import LitPeftError
 from litpeft.methods import LoRA, PeftMethod, method_from_config
 from litpeft.models import load_model, tiny_tokenizer
 from litpeft.module import PeftLM
@@ -234,3 +236,13 @@ def test_a_meta_build_has_the_dtypes_of_the_real_one(tmp_path: Path, quantize: s
     real = {n: p.dtype for n, p in module.model.state_dict().items()}
     assert {n: p.dtype for n, p in meta.state_dict().items()} == real
     assert real["model.embed_tokens.weight"] == torch.bfloat16
+
+
+def test_an_adapter_trained_under_bf16_true_on_an_fp32_base_finds_its_base(tmp_path: Path) -> None:
+    """bf16-true holds an fp32 checkpoint's table in bf16: the adapter's fingerprint is the rounded table's,
+    and loading the base again in fp32 (generate, merge, export) must still recognise it."""
+    fit_tiny_lora(tmp_path, precision="bf16-true")
+    model, *_ = load_adapter(tmp_path / "adapter")
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    with pytest.raises(LitPeftError, match="--allow_other_base true uses it anyway"):
+        load_adapter(tmp_path / "adapter", model=str(save_other_base(tmp_path / "other")))
