@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import word_rows
+
 HERE = Path(__file__).resolve().parent
 MAX_STEPS = 12  # trainer.max_steps in tiny.yaml
 REPO = HERE.parents[1]
@@ -171,34 +173,7 @@ def one_error_line(out: str) -> str:
 
 def fault_rows() -> str:
     """24 rows of a tiny task (reverse a word), as JSONL."""
-    words = [
-        "apple",
-        "river",
-        "stone",
-        "cloud",
-        "maple",
-        "tiger",
-        "lemon",
-        "ocean",
-        "piano",
-        "zebra",
-        "candle",
-        "forest",
-        "garden",
-        "honey",
-        "island",
-        "jungle",
-        "kettle",
-        "ladder",
-        "mirror",
-        "needle",
-        "orange",
-        "pepper",
-        "quartz",
-        "rocket",
-    ]
-    rows = [{"instruction": "Reverse the word.", "input": w, "output": w[::-1]} for w in words]
-    return "".join(json.dumps(r) + "\n" for r in rows)
+    return "".join(json.dumps(r) + "\n" for r in word_rows(24))
 
 
 @pytest.fixture(scope="session")
