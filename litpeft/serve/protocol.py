@@ -167,14 +167,7 @@ def completion_body(
     else:
         choice = {"index": 0, "text": text, "logprobs": None}
     obj = "chat.completion" if chat else "text_completion"
-    return {
-        "id": rid,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{**choice, "finish_reason": finish}],
-        "usage": use,
-    }
+    return _envelope(obj, rid, model, [{**choice, "finish_reason": finish}], usage=use)
 
 
 def chunk_body(
@@ -189,25 +182,24 @@ def chunk_body(
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None}
     obj = "chat.completion.chunk" if chat else "text_completion"
-    return {
-        "id": rid,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{**choice, "finish_reason": finish}],
-    }
+    return _envelope(obj, rid, model, [{**choice, "finish_reason": finish}])
 
 
 def usage_chunk(chat: bool, rid: str, model: str, use: dict[str, int]) -> dict[str, Any]:
     """The last chunk with ``stream_options.include_usage``: no choices, only the usage."""
     obj = "chat.completion.chunk" if chat else "text_completion"
+    return _envelope(obj, rid, model, [], usage=use)
+
+
+def _envelope(obj: str, rid: str, model: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The fields every completion object and chunk shares."""
     return {
         "id": rid,
         "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [],
-        "usage": use,
+        "choices": choices,
+        **extra,
     }
 
 
