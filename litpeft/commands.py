@@ -21,7 +21,6 @@ import json
 import logging
 from argparse import ArgumentError
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +34,7 @@ from litpeft.data.readers import HUB_DATASET_FILES
 from litpeft.deprecation import moved_names
 from litpeft.errors import LitPeftError, parse_error_line
 from litpeft.evaluation import generation_metrics, token_metrics
-from litpeft.files import atomic_path, check_writable
+from litpeft.files import atomic_path, check_output_file, check_writable, write_jsonl
 from litpeft.inference import (
     Dtype,
     load_for_inference,
@@ -49,28 +48,6 @@ from litpeft.models import checkpoint_dtype, hub_ref, resolve_spec
 from litpeft.serve.server import adapter_flags, serve
 
 log = logging.getLogger(__name__)
-
-
-def _write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    try:
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    except OSError as e:  # e.g. the disk filled up: the old file (if any) is left as it was
-        raise LitPeftError(f"could not write '{path}': {e.strerror or e}") from None
-
-
-def _check_output_file(path: str | None, overwrite: bool, flag: str = "--output") -> None:
-    """An output file may be written: not a directory, not an existing file unless ``overwrite`` (as
-    ``merge``/``export`` refuse a non-empty directory), and its directory can take a new file."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise LitPeftError(f"{flag} '{path}' is a directory; give a file name")
-    if target.exists() and not overwrite:
-        raise LitPeftError(f"{flag} '{path}' exists (pass --overwrite true to replace it)")
-    check_writable(target.parent, f"{flag} '{path}': its directory")
 
 
 def _positive(**values: int | None) -> None:
@@ -136,7 +113,7 @@ def generate(
     _positive(max_new_tokens=max_new_tokens, batch_size=batch_size)
     parse_dtype(dtype)
     parse_device(device)
-    _check_output_file(output, overwrite)
+    check_output_file(output, overwrite)
     rows = read_conversations(input) if input is not None else None
     loaded = load_for_inference(
         adapter, model, dtype, device, prompt_style, trust_remote_code, allow_other_base
@@ -167,7 +144,7 @@ def generate(
         print(answers([render([{"role": "user", "content": prompt}])], 1)[0])
     elif rows is not None:
         texts = answers([render(messages, row) for row, messages in rows], batch_size, progress=True)
-        _write_jsonl(output, [{**row, "generated": t} for (row, _), t in zip(rows, texts, strict=True)])
+        write_jsonl(output, [{**row, "generated": t} for (row, _), t in zip(rows, texts, strict=True)])
         log.info("wrote %d answers to %s", len(texts), output)
     else:
         inference.chat(loaded, max_new_tokens, temperature, top_p, system)
@@ -226,8 +203,8 @@ def evaluate(
         output_path = Path(output) if output else Path(adapter) / f"eval-{Path(data).stem}.json"
     parse_dtype(dtype)
     parse_device(device)
-    _check_output_file(output, overwrite)
-    _check_output_file(predictions, overwrite, "--predictions")
+    check_output_file(output, overwrite)
+    check_output_file(predictions, overwrite, "--predictions")
     if output_path is not None and output is None:
         check_writable(output_path.parent, f"evaluation summary '{output_path}': its directory")
     rows = read_conversations(data, need_reference=True)
@@ -254,7 +231,7 @@ def evaluate(
         )
         summary.update(metrics, max_new_tokens=max_new_tokens)
         if predictions:
-            _write_jsonl(
+            write_jsonl(
                 predictions,
                 [
                     {**row, "generated": p, "reference": r}
@@ -378,17 +355,7 @@ def download(
         trust_remote_code: also fetch a model repo's own code (``*.py``).
     """
     include = [include] if isinstance(include, str) else include
-    if hub.is_hub_dataset(repo_id):
-        ref = hub.parse_dataset_id(repo_id)
-    else:
-        parsed = hub.parse_model_id(repo_id)
-        if parsed is None:
-            raise LitPeftError(f"'{repo_id}' is not a hub id; write org/name (a model) or hub://org/name")
-        ref = parsed
-    if revision is not None:
-        if ref.revision is not None and ref.revision != revision:
-            raise LitPeftError(f"'{repo_id}' names revision '{ref.revision}' but --revision is '{revision}'")
-        ref = replace(ref, revision=revision)
+    ref = hub.parse_ref(repo_id, revision)
     if ref.repo_type == "dataset":
         path = hub.download(ref, include or hub.dataset_patterns(ref, HUB_DATASET_FILES))
     else:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from litpeft.errors import LitPeftError
 
@@ -141,3 +142,26 @@ def check_writable(path: str | os.PathLike[str], what: str) -> None:
             pass
     except OSError as e:
         raise LitPeftError(f"{what} '{path}' cannot be written ({e.strerror or e})") from None
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as JSON lines, atomically: a failed write (e.g. a full disk) leaves the old file."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise LitPeftError(f"could not write '{path}': {e.strerror or e}") from None
+
+
+def check_output_file(path: str | None, overwrite: bool, flag: str = "--output") -> None:
+    """An output file may be written: not a directory, not an existing file unless ``overwrite`` (as
+    ``merge``/``export`` refuse a non-empty directory), and its directory can take a new file."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise LitPeftError(f"{flag} '{path}' is a directory; give a file name")
+    if target.exists() and not overwrite:
+        raise LitPeftError(f"{flag} '{path}' exists (pass --overwrite true to replace it)")
+    check_writable(target.parent, f"{flag} '{path}': its directory")

@@ -15,7 +15,7 @@ Every failure is one :class:`LitPeftError` line that names the fix.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -96,6 +96,22 @@ def parse_dataset_id(path: str) -> HubRef:
     if ref is None:
         raise LitPeftError(f"'{path}' is not a hub dataset; write hub://org/name[@revision][/path/in/repo]")
     return HubRef(ref.repo_id, ref.revision, "dataset", "/".join(parts[2:]) or None)
+
+
+def parse_ref(repo_id: str, revision: str | None = None) -> HubRef:
+    """``org/name[@rev]`` (a model) or ``hub://org/name[@rev]`` (a dataset), with ``revision`` given apart."""
+    if is_hub_dataset(repo_id):
+        ref = parse_dataset_id(repo_id)
+    else:
+        parsed = parse_model_id(repo_id)
+        if parsed is None:
+            raise LitPeftError(f"'{repo_id}' is not a hub id; write org/name (a model) or hub://org/name")
+        ref = parsed
+    if revision is None:
+        return ref
+    if ref.revision is not None and ref.revision != revision:
+        raise LitPeftError(f"'{repo_id}' names revision '{ref.revision}' but --revision is '{revision}'")
+    return replace(ref, revision=revision)
 
 
 def dataset_patterns(ref: HubRef, whole_repo: list[str]) -> list[str]:
