@@ -7,12 +7,19 @@ broken models and checkpoints) read from elsewhere. A case asserts: exit status 
 ``litpeft: error:`` line, that line names the offending key or path, no ``Traceback`` anywhere in the
 output, and no file created, changed or removed in the working directory or the fixtures. The cases run
 two at a time; most are marked ``slow``, a representative slice is not.
+
+The fast slice starts a fresh ``python -m litpeft`` per case. The slow table runs the same ``main()`` in a
+child forked from a warm interpreter (tests/cli_zygote.py), which saves each case the seconds of importing
+torch and transformers and nothing else: the child has its own working directory, output descriptors and
+exit status.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -358,26 +365,61 @@ class Outcome:
     changed: list[str]
 
 
-def run_case(case: Case, fx: Path, work: Path) -> Outcome:
+class Zygote:
+    """A warm interpreter that forks one child per command line (tests/cli_zygote.py)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("cli_zygote.py"))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str], out: Path) -> subprocess.CompletedProcess:
+        stdout, stderr = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+        request = dict(argv=argv, cwd=str(cwd), env=env, stdout=str(stdout), stderr=str(stderr))
+        assert self.process.stdin and self.process.stdout
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        answer = json.loads(self.process.stdout.readline())
+        return subprocess.CompletedProcess(argv, answer["returncode"], stdout.read_text(), stderr.read_text())
+
+    def close(self) -> None:
+        assert self.process.stdin
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def case_env(case_id: str, fx: Path, work: Path) -> dict[str, str]:
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", LITPEFT_CACHE=str(work / f"{case_id}.cache"), HF_HOME=str(fx / "hf")
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_case(case: Case, fx: Path, work: Path, zygote: Zygote | None = None) -> Outcome:
     cwd = work / case.id
     cwd.mkdir()
     for rel, text in case.files.items():
         (cwd / rel).parent.mkdir(parents=True, exist_ok=True)
         (cwd / rel).write_text(text)
     before = snapshot(cwd)
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", LITPEFT_CACHE=str(work / f"{case.id}.cache"), HF_HOME=str(fx / "hf")
-    )
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env = case_env(case.id, fx, work)
     argv = [a.replace("{fx}", str(fx)) for a in case.argv]
-    result = subprocess.run(
-        [sys.executable, "-m", "litpeft", *argv],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    if zygote is None:
+        result = subprocess.run(
+            [sys.executable, "-m", "litpeft", *argv],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+    else:
+        result = zygote.run(argv, cwd, {"LITPEFT_CACHE": env["LITPEFT_CACHE"]}, work / case.id)
     after = snapshot(cwd)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     return Outcome(result.returncode, result.stderr, result.stdout, changed)
@@ -393,13 +435,29 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fx
 
 
-def _run_all(cases: list[Case], fx: Path, work: Path) -> dict[str, Outcome]:
-    """Each case's outcome; ``"fixtures"``: the shared fixture files any of them changed."""
+def _run_all(cases: list[Case], fx: Path, work: Path, warm: bool = False) -> dict[str, Outcome]:
+    """Each case's outcome; ``"fixtures"``: the shared fixture files any of them changed. ``warm``: fork
+    each case from a warm interpreter instead of starting a fresh one."""
     before = snapshot(fx)
-    with ThreadPoolExecutor(2) as pool:
-        outcomes = dict(
-            zip([c.id for c in cases], pool.map(lambda c: run_case(c, fx, work), cases), strict=True)
-        )
+    zygotes: queue.Queue[Zygote | None] = queue.Queue()
+    for _ in range(2):
+        zygotes.put(Zygote(case_env("zygote", fx, work)) if warm else None)
+
+    def run(case: Case) -> Outcome:
+        zygote = zygotes.get()
+        try:
+            return run_case(case, fx, work, zygote)
+        finally:
+            zygotes.put(zygote)
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = dict(zip([c.id for c in cases], pool.map(run, cases), strict=True))
+    finally:
+        while not zygotes.empty():
+            zygote = zygotes.get()
+            if zygote is not None:
+                zygote.close()
     after = snapshot(fx)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     outcomes["fixtures"] = Outcome(0, "", "", changed)
@@ -413,7 +471,7 @@ def fast_outcomes(fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 @pytest.fixture(scope="module")
 def slow_outcomes(fixtures: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
-    return _run_all([c for c in CASES if not c.fast], fixtures, tmp_path_factory.mktemp("slow"))
+    return _run_all([c for c in CASES if not c.fast], fixtures, tmp_path_factory.mktemp("slow"), warm=True)
 
 
 def check(case: Case, outcome: Outcome, fx: Path) -> None:
