@@ -35,6 +35,7 @@ from litpeft.methods.layout import (
     attached,
     attention_modules,
     detach,
+    head_dim,
     kv_heads,
     max_positions,
     text_config,
@@ -187,24 +188,22 @@ class PrefixTuning(PeftMethod):
     def inject(self, model: PreTrainedModel) -> None:
         use_peft_attention(model, option=self.name)
         modules = attention_modules(model)
-        n_kv, head_dim = kv_heads(model), modules[0].head_dim
-        kv_dim = n_kv * head_dim
+        n_kv, dim = kv_heads(model), head_dim(modules[0])
+        kv_dim = n_kv * dim
         source = None
         if self.prefix_projection:
             encoder = PrefixEncoder(
                 self.num_virtual_tokens,
                 len(modules),
                 n_kv,
-                head_dim,
+                dim,
                 self.encoder_hidden_size or kv_dim,
                 self.embedding_dim or kv_dim,
             ).to(model.device)
             source = attach(model, ENCODER, encoder).layer
         layers = []
         for m in modules:
-            prefix = PrefixKV(
-                m.layer_idx, n_kv, self.num_virtual_tokens, head_dim, source, self.prefix_dropout
-            )
+            prefix = PrefixKV(m.layer_idx, n_kv, self.num_virtual_tokens, dim, source, self.prefix_dropout)
             layers.append(attach(m, PREFIX, prefix.to(model.device)))
         model.base_model.register_forward_pre_hook(
             _PositionShift(layers[0], self.num_virtual_tokens, max_positions(model)), with_kwargs=True
@@ -240,17 +239,17 @@ class PrefixTuning(PeftMethod):
         for m in modules:
             key, value = state[f"{names[m]}.{PREFIX}.key"], state[f"{names[m]}.{PREFIX}.value"]
             rows += [key.permute(1, 0, 2).flatten(1), value.permute(1, 0, 2).flatten(1)]  # (N, kv_dim) each
-        n_kv = kv_heads(model)
+        kv_dim = kv_heads(model) * head_dim(modules[0])
         text = text_config(model)
         config = {
             "peft_type": "PREFIX_TUNING",
             "task_type": "CAUSAL_LM",
             "num_virtual_tokens": self.num_virtual_tokens,
-            "token_dim": n_kv * modules[0].head_dim,
+            "token_dim": kv_dim,
             "num_transformer_submodules": 1,
-            "num_attention_heads": n_kv,
+            "num_attention_heads": kv_heads(model),
             "num_layers": len(modules),
-            "encoder_hidden_size": self.encoder_hidden_size or n_kv * modules[0].head_dim,
+            "encoder_hidden_size": self.encoder_hidden_size or kv_dim,
             # The exported prefix is already projected: peft loads it as is (prefix_projection=False).
             "prefix_projection": False,
             "inference_mode": True,

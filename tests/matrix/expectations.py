@@ -15,8 +15,6 @@ SLIDING_PREFIX = (
 
 #: (family, method) -> a phrase the one-line refusal contains
 REFUSALS: dict[tuple[str, str], str] = {
-    **{("gpt_neox", m): "has no head_dim" for m in ("prefix_tuning", "p_tuning_v2")},
-    **{("gpt_neox", m): "has no head_dim" for m in ("llama_adapter", "llama_adapter_v2")},
     **{
         ("olmo2", m): "normalizes the keys of all heads together"
         for m in ("llama_adapter", "llama_adapter_v2")

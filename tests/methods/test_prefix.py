@@ -59,7 +59,7 @@ def test_trainable_count_equals_peft_and_formula(arch, projection):
     assert ours == expected
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt_neox"])  # GPT-NeoX: head_dim from hidden / heads
 @pytest.mark.parametrize("make", [lambda: PrefixTuning(6, encoder_hidden_size=24), lambda: PTuningV2(6)])
 def test_peft_round_trip_after_training(arch, make, tmp_path, caplog):
     """Export after training; peft loads the files without key warnings and gives the same logits (1e-5)."""
