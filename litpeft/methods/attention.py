@@ -61,8 +61,10 @@ class AttentionState(nn.Module, PeftLayer):
         key: torch.Tensor,
         value: torch.Tensor,
         mask: torch.Tensor | None,
+        kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Before attention: the keys, values and mask to attend over."""
+        """Before attention: the keys, values and mask to attend over (``kwargs``: the interface's, e.g.
+        ``position_ids``, ``sliding_window``)."""
         return key, value, mask
 
     def output(
@@ -137,7 +139,7 @@ def peft_attention(
     """
     states = [s for slot in ATTENTION_SLOTS if (s := attached(module, slot)) is not None and not s.disabled]
     for state in states:
-        key, value, attention_mask = state.keys_values(module, query, key, value, attention_mask)
+        key, value, attention_mask = state.keys_values(module, query, key, value, attention_mask, kwargs)
     out, weights = _wrapped_implementation(module)(module, query, key, value, attention_mask, **kwargs)
     for state in states:
         out = state.output(module, query, out, kwargs)

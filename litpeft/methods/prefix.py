@@ -51,7 +51,8 @@ class PrefixKV(AttentionState):
     The tensors come from ``source(layer_idx)`` (a shared reparameterization, prefix tuning) or are this
     module's own parameters ``key``/``value`` (P-tuning v2, or prefix tuning after the MLP is dropped).
     They are prepended to the layer's keys/values and the mask is extended so that every query (padding
-    or not) sees the whole prefix. They have ``num_key_value_heads`` heads, so grouped-query attention
+    or not) sees the whole prefix, except on a sliding-window layer, where the prefix leaves the window
+    like any past token (:func:`_visible_prefix`). They have ``num_key_value_heads`` heads, so grouped-query attention
     needs nothing special: the wrapped implementation repeats them as it repeats the layer's own keys.
     """
 
@@ -85,34 +86,55 @@ class PrefixKV(AttentionState):
         key: torch.Tensor,
         value: torch.Tensor,
         mask: torch.Tensor | None,
+        kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pk, pv = self()
         b = key.shape[0]
         pk = pk.to(key.dtype)[None].expand(b, -1, -1, -1)
         pv = pv.to(value.dtype)[None].expand(b, -1, -1, -1)
-        mask = _extend_mask(mask, pk.shape[2], query.shape[2], key.shape[2], query)
+        visible = _visible_prefix(
+            pk.shape[2], query.shape[2], kwargs.get("position_ids"), kwargs.get("sliding_window"), query
+        )
+        mask = _extend_mask(mask, visible, key.shape[2])
         return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
 
 
 register_attention_slot(PREFIX, PrefixKV)
 
 
-def _extend_mask(
-    mask: torch.Tensor | None, num_prefix: int, q_len: int, kv_len: int, like: torch.Tensor
-) -> torch.Tensor | None:
-    """Prepend ``num_prefix`` always-visible key columns to an sdpa (bool) or eager (additive) mask."""
+def _visible_prefix(
+    num_prefix: int, q_len: int, positions: torch.Tensor | None, window: int | None, like: torch.Tensor
+) -> torch.Tensor:
+    """Which prefix keys each query sees, ``(B or 1, 1, q, N)`` bool.
+
+    The prefix holds positions ``0..N-1`` as past tokens do in peft's ``past_key_values`` (and the paper's
+    activations of a prefix), so on a sliding-window layer (Gemma 2/3, Mistral) it leaves the window as
+    any past token would: prefix key ``j`` is visible to the query at position ``p`` (the shifted
+    ``position_ids``: a packed sample's restart) iff ``p - j < sliding_window``, transformers' rule.
+    """
+    if window is None or positions is None:
+        return torch.ones(1, 1, q_len, num_prefix, dtype=torch.bool, device=like.device)
+    j = torch.arange(num_prefix, device=like.device)
+    return (positions[:, None, -q_len:, None] - j < window).to(like.device)
+
+
+def _extend_mask(mask: torch.Tensor | None, visible: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+    """Prepend the prefix key columns (``visible``) to an sdpa (bool) or eager (additive) mask."""
+    q_len = visible.shape[2]
     if mask is None:
-        if q_len == 1:
+        if q_len == 1 and bool(visible.all()):
             return None  # one query sees every key, prefix included
         # None meant "plain causal" (sdpa's is_causal, aligned to the last key): materialize it.
-        i = torch.arange(q_len, device=like.device)[:, None]
-        j = torch.arange(kv_len, device=like.device)[None, :]
+        i = torch.arange(q_len, device=visible.device)[:, None]
+        j = torch.arange(kv_len, device=visible.device)[None, :]
         mask = (j <= i + (kv_len - q_len))[None, None]
-    if mask.dtype == torch.bool:
-        pad = torch.ones(*mask.shape[:-1], num_prefix, dtype=torch.bool, device=mask.device)
-    else:
-        pad = torch.zeros(*mask.shape[:-1], num_prefix, dtype=mask.dtype, device=mask.device)
-    return torch.cat([pad, mask], dim=-1)
+    if mask.dtype != torch.bool:
+        blocked = torch.finfo(mask.dtype).min
+        visible = torch.zeros(visible.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~visible, blocked
+        )
+    shape = torch.broadcast_shapes(mask.shape[:-1], visible.shape[:-1])
+    return torch.cat([visible.expand(*shape, -1), mask.expand(*shape, -1)], dim=-1)
 
 
 class PrefixEncoder(nn.Module):
