@@ -19,13 +19,14 @@ checkpointing and ``generate`` work unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.attention import AttentionState, register_attention_slot, use_peft_attention
@@ -40,6 +41,7 @@ from litpeft.methods.layout import (
     max_positions,
     text_config,
 )
+from litpeft.methods.prompt import _load_tokenizer
 
 PREFIX = "litpeft_prefix"  # attention slot that holds a layer's PrefixKV
 ENCODER = "litpeft_prefix_encoder"  # slot of the model that holds the reparameterization MLP
@@ -49,7 +51,8 @@ class PrefixKV(AttentionState):
     """Prefix keys and values of one layer, each ``(num_kv_heads, N, head_dim)`` (paper eq. 2).
 
     The tensors come from ``source(layer_idx)`` (a shared reparameterization, prefix tuning) or are this
-    module's own parameters ``key``/``value`` (P-tuning v2, or prefix tuning after the MLP is dropped).
+    module's own parameters ``key``/``value`` (P-tuning v2, or prefix tuning after the MLP is dropped),
+    standard normal or ``init`` (fp32 parameters whatever the base's dtype).
     They are prepended to the layer's keys/values and the mask is extended so that every query (padding
     or not) sees the whole prefix, except on a sliding-window layer, where the prefix leaves the window
     like any past token (:func:`_visible_prefix`). They have ``num_key_value_heads`` heads, so grouped-query attention
@@ -64,6 +67,7 @@ class PrefixKV(AttentionState):
         head_dim: int,
         source: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
         dropout: float = 0.0,
+        init: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.layer_idx, self.num_tokens = layer_idx, num_tokens
@@ -72,8 +76,9 @@ class PrefixKV(AttentionState):
         self.register_parameter("key", None)
         self.register_parameter("value", None)
         if source is None:
-            self.key = nn.Parameter(torch.randn(num_kv_heads, num_tokens, head_dim))
-            self.value = nn.Parameter(torch.randn(num_kv_heads, num_tokens, head_dim))
+            shape = (num_kv_heads, num_tokens, head_dim)
+            key, value = init if init is not None else (torch.randn(shape), torch.randn(shape))
+            self.key, self.value = nn.Parameter(key.float()), nn.Parameter(value.float())
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.source(self.layer_idx) if self.source is not None else (self.key, self.value)
@@ -184,6 +189,12 @@ class PrefixTuning(PeftMethod):
             used 512 (summarization) and 800 (table-to-text).
         embedding_dim: width of ``P'``; ``None``: ``kv_dim`` (= num_key_value_heads * head_dim, as peft).
         prefix_dropout: dropout on the prefix keys/values in training (the paper's prefix dropout).
+        init_text: start the prefix at the frozen model's own keys/values of this text (Li & Liang sec. 7.2:
+            "initializing the prefix with activations of real words"): the text's tokens, repeated or
+            truncated to ``N``, encoded by the base model at positions ``0..N-1``; step 0 is then the base
+            model reading that text before the input. ``None``: standard normal. Needs
+            ``prefix_projection: false`` (the MLP's output cannot be set per token).
+        tokenizer: model spec whose tokenizer tokenizes ``init_text``; default the base model's own.
     """
 
     name = "prefix_tuning"
@@ -196,8 +207,16 @@ class PrefixTuning(PeftMethod):
         encoder_hidden_size: int | None = None,
         embedding_dim: int | None = None,
         prefix_dropout: float = 0.0,
+        init_text: str | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         check_arg(num_virtual_tokens > 0, "num_virtual_tokens", num_virtual_tokens, "a positive integer")
+        check_arg(init_text is None or init_text != "", "init_text", init_text, "a text (or null: random)")
+        if init_text is not None and prefix_projection:
+            raise LitPeftError(
+                f"{self.name}: init_text sets the prefix keys/values directly, which the reparameterization "
+                "MLP cannot start at; set prefix_projection: false"
+            )
         for option, value in (("encoder_hidden_size", encoder_hidden_size), ("embedding_dim", embedding_dim)):
             check_arg(value is None or value > 0, option, value, "a positive integer (or null: the default)")
         check_arg(
@@ -205,11 +224,12 @@ class PrefixTuning(PeftMethod):
         )
         self.num_virtual_tokens, self.prefix_projection = num_virtual_tokens, prefix_projection
         self.encoder_hidden_size, self.embedding_dim = encoder_hidden_size, embedding_dim
-        self.prefix_dropout = prefix_dropout
+        self.prefix_dropout, self.init_text, self.tokenizer = prefix_dropout, init_text, tokenizer
 
     def inject(self, model: PreTrainedModel) -> None:
         use_peft_attention(model, option=self.name)
         modules = attention_modules(model)
+        init = self._text_keys_values(model, modules) if self.init_text is not None else {}
         n_kv, dim = kv_heads(model), head_dim(modules[0])
         kv_dim = n_kv * dim
         source = None
@@ -225,11 +245,50 @@ class PrefixTuning(PeftMethod):
             source = attach(model, ENCODER, encoder).layer
         layers = []
         for m in modules:
-            prefix = PrefixKV(m.layer_idx, n_kv, self.num_virtual_tokens, dim, source, self.prefix_dropout)
+            prefix = PrefixKV(
+                m.layer_idx,
+                n_kv,
+                self.num_virtual_tokens,
+                dim,
+                source,
+                self.prefix_dropout,
+                init.get(m.layer_idx),
+            )
             layers.append(attach(m, PREFIX, prefix.to(model.device)))
         model.base_model.register_forward_pre_hook(
             _PositionShift(layers[0], self.num_virtual_tokens, max_positions(model)), with_kwargs=True
         )
+
+    def _text_keys_values(
+        self, model: PreTrainedModel, modules: list[nn.Module]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """layer index -> the base model's keys and values ``(num_kv_heads, N, head_dim)`` of ``init_text``'s
+        tokens repeated or truncated to ``N`` (as prompt tuning's ``init: text``), after rotary encoding at
+        positions ``0..N-1``: the past keys/values of the text, what the prefix stands for."""
+        n = self.num_virtual_tokens
+        ids = _load_tokenizer(self.tokenizer, model, "init_text")(self.init_text, add_special_tokens=False)
+        ids = ids["input_ids"]
+        if not ids:
+            raise LitPeftError(f"{self.name}: init_text tokenizes to no tokens")
+        ids = (ids * math.ceil(n / len(ids)))[:n]
+        if n >= max_positions(model):
+            raise LitPeftError(
+                f"num_virtual_tokens={n} leaves no room for input in the model's context of {max_positions(model)}"
+            )
+        if model.device.type == "meta":  # a rank that receives rank 0's weights (FSDP): shapes only
+            return {}
+        cache = DynamicCache()  # no config: sliding-window layers keep every token too
+        # Under *-mixed PeftLM loads the frozen linears in 16 bits and makes them callable outside autocast
+        # only after the method is applied: read the text under autocast, as training will.
+        half = [p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+        mixed = bool(half) and any(p.dtype == torch.float32 for p in model.parameters())
+        training = model.training
+        model.eval()
+        with torch.no_grad(), torch.autocast(model.device.type, half[0] if mixed else None, enabled=mixed):
+            model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True)
+        model.train(training)
+        layers = cache.layers
+        return {m.layer_idx: (layers[m.layer_idx].keys[0], layers[m.layer_idx].values[0]) for m in modules}
 
     # -- adapter: the projected prefix only -----------------------------------------------------------
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -290,6 +349,9 @@ class PTuningV2(PrefixTuning):
         encoder_hidden_size: MLP width when ``prefix_projection``; ``None``: ``kv_dim``.
         embedding_dim: embedding width when ``prefix_projection``; ``None``: ``kv_dim``.
         prefix_dropout: dropout on the prompt keys/values in training.
+        init_text: start the prompts at the frozen model's own keys/values of this text (see
+            :class:`PrefixTuning`); ``None``: standard normal.
+        tokenizer: model spec whose tokenizer tokenizes ``init_text``; default the base model's own.
     """
 
     name = "p_tuning_v2"
@@ -301,9 +363,17 @@ class PTuningV2(PrefixTuning):
         encoder_hidden_size: int | None = None,
         embedding_dim: int | None = None,
         prefix_dropout: float = 0.0,
+        init_text: str | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__(
-            num_virtual_tokens, prefix_projection, encoder_hidden_size, embedding_dim, prefix_dropout
+            num_virtual_tokens,
+            prefix_projection,
+            encoder_hidden_size,
+            embedding_dim,
+            prefix_dropout,
+            init_text,
+            tokenizer,
         )
 
 

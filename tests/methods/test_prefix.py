@@ -270,7 +270,14 @@ def test_architecture_without_attention_interface_is_refused(model_type):
         PrefixTuning(4).apply(model)
 
 
-@pytest.mark.parametrize("make", [lambda: PrefixTuning(5, encoder_hidden_size=16), lambda: PTuningV2(5)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PrefixTuning(5, encoder_hidden_size=16),
+        lambda: PTuningV2(5),
+        lambda: PTuningV2(5, init_text="Answer briefly.", tokenizer="tiny:llama"),
+    ],
+)
 def test_adapter_directory_round_trip(make, tmp_path):
     """save_adapter writes the projected prefix; load_adapter rebuilds the model with the same logits."""
     from types import SimpleNamespace
