@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.attention import (
+    AttentionCall,
     AttentionState,
     register_attention_slot,
     restore_attention,
@@ -83,15 +84,14 @@ class AdaptionPrompt(AttentionState):
             self._cached = (stamp, prompt_key_value(module, self.prompt, dtype))
         return self._cached[1]
 
-    def output(
-        self, module: nn.Module, query: torch.Tensor, out: torch.Tensor, kwargs: dict[str, Any]
-    ) -> torch.Tensor:
+    def output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         """``out + tanh(g) * softmax(Q K_p^T / sqrt(d)) V_p`` (eq. 8), in the query's head layout."""
+        module, query = call.module, call.query
         ak, av = self.key_value(module, query.dtype)
         groups = query.shape[1] // ak.shape[0]
         ak = ak.repeat_interleave(groups, dim=0).to(query.dtype)  # same head grouping as repeat_kv
         av = av.repeat_interleave(groups, dim=0).to(query.dtype)
-        scaling = kwargs.get("scaling") or head_dim(module) ** -0.5
+        scaling = call.kwargs.get("scaling") or head_dim(module) ** -0.5
         scores = torch.softmax((query @ ak.transpose(-1, -2)).float() * scaling, dim=-1)
         gate = torch.tanh(self.gate.float()).view(1, -1, 1, 1)  # one per head, or one broadcast
         extra = ((gate * scores).to(av.dtype) @ av).transpose(1, 2)

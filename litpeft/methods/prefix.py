@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,7 +30,12 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from litpeft.errors import LitPeftError
-from litpeft.methods.attention import AttentionState, register_attention_slot, use_peft_attention
+from litpeft.methods.attention import (
+    AttentionCall,
+    AttentionState,
+    register_attention_slot,
+    use_peft_attention,
+)
 from litpeft.methods.base import Dropout, PeftMethod, check_arg
 from litpeft.methods.layout import (
     attach,
@@ -84,24 +90,21 @@ class PrefixKV(AttentionState):
         k, v = self.source(self.layer_idx) if self.source is not None else (self.key, self.value)
         return self.dropout(k), self.dropout(v)
 
-    def keys_values(
-        self,
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        kwargs: dict[str, Any],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def keys_values(self, call: AttentionCall) -> AttentionCall:
         pk, pv = self()
-        b = key.shape[0]
-        pk = pk.to(key.dtype)[None].expand(b, -1, -1, -1)
-        pv = pv.to(value.dtype)[None].expand(b, -1, -1, -1)
+        key, value = call.key, call.value
+        pk = pk.to(key.dtype)[None].expand(key.shape[0], -1, -1, -1)
+        pv = pv.to(value.dtype)[None].expand(key.shape[0], -1, -1, -1)
+        q_len, kwargs = call.query.shape[2], call.kwargs
         visible = _visible_prefix(
-            pk.shape[2], query.shape[2], kwargs.get("position_ids"), kwargs.get("sliding_window"), query
+            pk.shape[2], q_len, kwargs.get("position_ids"), kwargs.get("sliding_window"), call.query
         )
-        mask = _extend_mask(mask, visible, key.shape[2])
-        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask
+        return replace(
+            call,
+            key=torch.cat([pk, key], dim=2),
+            value=torch.cat([pv, value], dim=2),
+            mask=_extend_mask(call.mask, visible, key.shape[2]),
+        )
 
 
 register_attention_slot(PREFIX, PrefixKV)

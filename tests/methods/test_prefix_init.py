@@ -34,7 +34,9 @@ def test_prefix_starts_at_the_base_models_past_keys_values(arch, n):
     assert len(tiny_tokenizer()(TEXT, add_special_tokens=False)["input_ids"]) == 3
     model = build(arch, n)
     with torch.no_grad():
-        cache = helpers.base_model(arch)(input_ids=torch.tensor([text_ids(n)]), use_cache=True).past_key_values
+        cache = helpers.base_model(arch)(
+            input_ids=torch.tensor([text_ids(n)]), use_cache=True
+        ).past_key_values
     for m in attention_modules(model):
         prefix = getattr(m, PREFIX)
         assert prefix.key.dtype == torch.float32 and prefix.key.requires_grad
