@@ -65,3 +65,20 @@ def test_the_reparameterization_cannot_start_at_a_text():
     PrefixTuning(prefix_projection=False, init_text=TEXT)  # direct prefix tuning can
     with pytest.raises(LitPeftError, match="init_text"):
         PTuningV2(init_text="")
+
+
+def test_a_base_with_16_bit_linears_reads_the_text_under_autocast():
+    """Under bf16-mixed PeftLM loads the frozen linears in bf16 before the method is applied (the rest
+    fp32): the text is read under autocast, as training will (a plain call failed with a dtype mismatch)."""
+    n, arch = 5, "llama"
+    exact = build(arch, n)
+    base = helpers.base_model(arch)
+    for m in base.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.to(torch.bfloat16)
+    torch.manual_seed(0)
+    PTuningV2(n, init_text=TEXT, tokenizer=f"tiny:{arch}").apply(base)
+    for ours, theirs in zip(attention_modules(base), attention_modules(exact), strict=True):
+        key = getattr(ours, PREFIX).key
+        assert key.dtype == torch.float32
+        torch.testing.assert_close(key, getattr(theirs, PREFIX).key, atol=0.05, rtol=0.05)  # bf16 rounding
