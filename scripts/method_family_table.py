@@ -2,6 +2,8 @@
 
     python scripts/method_family_table.py                      # runs tests/matrix (fast + slow), then writes
     python scripts/method_family_table.py --results FILE.jsonl # from an earlier run's results
+    python scripts/method_family_table.py --results ALL.jsonl --results RERUN.jsonl
+        # a full run, updated by a rerun of some cells (``-k``): a later file's row replaces the cell's row
 
 The matrix test (``tests/matrix/test_matrix.py``) appends one JSON line per cell to
 ``$LITPEFT_MATRIX_RESULTS``: family, method, precision, base, the refusal (if any), the failed checks and
@@ -120,6 +122,21 @@ def _defects(known: dict[str, str], failures: dict[str, str]) -> set[str]:
     return out
 
 
+def cell_key(row: dict) -> tuple[str, str, str, str]:
+    return row["family"], row["method"], row["precision"], row["base"]
+
+
+def merged_rows(files: list[Path]) -> list[dict]:
+    """The rows of ``files``, one per cell: a cell's row in a later file replaces its row in an earlier one."""
+    rows: dict[tuple[str, str, str, str], dict] = {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[cell_key(row)] = row
+    return list(rows.values())
+
+
 def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
     content = readme.read_text()
     if START not in content or END not in content:
@@ -131,15 +148,19 @@ def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, help="a results file (JSON lines) of an earlier matrix run")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        action="append",
+        help="a results file (JSON lines) of an earlier matrix run; repeated: later files' cells replace earlier ones",
+    )
     args = parser.parse_args()
-    results = args.results
-    if results is None:
-        results = Path(tempfile.mkdtemp()) / "matrix.jsonl"
-        code = run_matrix(results)
-        print(f"matrix run exit code {code}; results in {results}")
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    text = table(rows)
+    files = args.results
+    if not files:
+        files = [Path(tempfile.mkdtemp()) / "matrix.jsonl"]
+        code = run_matrix(files[0])
+        print(f"matrix run exit code {code}; results in {files[0]}")
+    text = table(merged_rows(files))
     write_readme(text)
     print(text)
 

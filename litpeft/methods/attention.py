@@ -23,8 +23,10 @@ The function itself knows no method. Any architecture whose attention calls the 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,27 +49,51 @@ WRAPPED = {"litpeft_sdpa": "sdpa", "litpeft_eager": "eager"}
 CPU_SDPA = "litpeft_cpu_sdpa"
 
 
-class AttentionState(nn.Module, PeftLayer):
-    """Per-layer state a method keeps in an attention slot; :func:`peft_attention` calls both steps.
+@dataclass
+class AttentionCall:
+    """One call of the attention interface, as transformers makes it: the attention ``module``, query
+    ``(B, H, q, d)``, key/value ``(B, H_kv, kv, d)`` (after RoPE and the KV cache), the ``mask`` (sdpa's
+    bool, eager's additive, or None: plain causal) and the keyword arguments (``scaling``,
+    ``position_ids``, ``sliding_window``, ``softcap``, ...)."""
 
-    Shapes as the attention interface defines them: query ``(B, H, q, d)``, key/value ``(B, H_kv, kv, d)``,
-    output ``(B, q, H, d)``. The defaults change nothing.
-    """
+    module: nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    kwargs: dict[str, Any]
 
-    def keys_values(
-        self,
+
+def interface_function(
+    fn: Callable[[AttentionCall], tuple[torch.Tensor, Any]],
+) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """``fn(call)`` as a function of transformers' ``AttentionInterface`` (its positional signature)."""
+
+    @functools.wraps(fn)
+    def attention(
         module: nn.Module,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Before attention: the keys, values and mask to attend over."""
-        return key, value, mask
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        return fn(AttentionCall(module, query, key, value, attention_mask, kwargs))
 
-    def output(
-        self, module: nn.Module, query: torch.Tensor, out: torch.Tensor, kwargs: dict[str, Any]
-    ) -> torch.Tensor:
+    return attention
+
+
+class AttentionState(nn.Module, PeftLayer):
+    """Per-layer state a method keeps in an attention slot; :func:`peft_attention` calls both steps.
+
+    Shapes as :class:`AttentionCall`'s; the output is ``(B, q, H, d)``. The defaults change nothing.
+    """
+
+    def keys_values(self, call: AttentionCall) -> AttentionCall:
+        """Before attention: the call with the keys, values and mask to attend over."""
+        return call
+
+    def output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         """After attention: the output, before the output projection."""
         return out
 
@@ -83,14 +109,8 @@ def register_attention_slot(slot: str, cls: type[AttentionState]) -> None:
     ATTENTION_SLOTS[slot] = cls
 
 
-def cpu_sdpa_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
+@interface_function
+def cpu_sdpa_attention(call: AttentionCall) -> tuple[torch.Tensor, Any]:
     """transformers' SDPA attention, computed in float32 on the CPU under bf16/fp16.
 
     PyTorch's CPU flash-attention kernel is about 3x slower in bf16 than in fp32 on short sequences
@@ -101,15 +121,16 @@ def cpu_sdpa_attention(
     the dtype the model's own sdpa would give: the autocast dtype under autocast, else the query's.
     Anywhere else this is transformers' own ``sdpa``.
     """
+    module, query, mask = call.module, call.query, call.mask
     autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     if query.device.type != "cpu" or not (autocast or query.dtype in (torch.bfloat16, torch.float16)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention_forward(module, query, call.key, call.value, mask, **call.kwargs)
     out_dtype = torch.get_autocast_dtype("cpu") if autocast else query.dtype
-    if attention_mask is not None and attention_mask.is_floating_point():
-        attention_mask = attention_mask.float()
+    if mask is not None and mask.is_floating_point():
+        mask = mask.float()
     with torch.autocast("cpu", enabled=False):
         out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+            module, query.float(), call.key.float(), call.value.float(), mask, **call.kwargs
         )
     return out.to(out_dtype), weights
 
@@ -122,25 +143,21 @@ def _wrapped_implementation(module: nn.Module) -> Callable[..., tuple[torch.Tens
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def peft_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
+@interface_function
+def peft_attention(call: AttentionCall) -> tuple[torch.Tensor, Any]:
     """The wrapped attention plus what the module carries in the registered slots (prefix K/V, prompts).
 
-    Shapes as the interface defines them: query ``(B, H, q, d)``, key/value ``(B, H_kv, kv, d)``;
-    returns ``(B, q, H, d)`` and the attention weights (or None).
+    Shapes as :class:`AttentionCall`'s; returns ``(B, q, H, d)`` and the attention weights (or None).
     """
-    states = [s for slot in ATTENTION_SLOTS if (s := attached(module, slot)) is not None and not s.disabled]
+    states = [
+        s for slot in ATTENTION_SLOTS if (s := attached(call.module, slot)) is not None and not s.disabled
+    ]
     for state in states:
-        key, value, attention_mask = state.keys_values(module, query, key, value, attention_mask)
-    out, weights = _wrapped_implementation(module)(module, query, key, value, attention_mask, **kwargs)
+        call = state.keys_values(call)
+    implementation = _wrapped_implementation(call.module)
+    out, weights = implementation(call.module, call.query, call.key, call.value, call.mask, **call.kwargs)
     for state in states:
-        out = state.output(module, query, out, kwargs)
+        out = state.output(call, out)
     return out, weights
 
 

@@ -16,8 +16,6 @@ from transformers import PreTrainedModel
 
 from litpeft.errors import LitPeftError
 
-#: methods that work inside attention through an attention slot (``litpeft.methods.attention``)
-ATTENTION_SLOT_METHODS = ("prefix_tuning", "p_tuning_v2", "llama_adapter", "llama_adapter_v2")
 LLAMA_ADAPTERS = ("llama_adapter", "llama_adapter_v2")
 
 
@@ -25,15 +23,6 @@ def expert_tensors(model: nn.Module) -> list[str]:
     """Names of 3-D parameters (``experts x out x in``): a mixture of experts whose experts are one
     tensor each (transformers 5's ``Qwen3MoeExperts``, ``MixtralExperts``), not ``nn.Linear`` layers."""
     return [name for name, p in model.named_parameters() if p.dim() == 3]
-
-
-def _attention_blocks(model: nn.Module) -> list[nn.Module]:
-    """Each layer's self-attention block (a module with an integer ``layer_idx`` named ``*Attention``)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")
-    ]
 
 
 def _expert_targets(method: Any, model: PreTrainedModel) -> str | None:
@@ -56,29 +45,18 @@ def _expert_targets(method: Any, model: PreTrainedModel) -> str | None:
     )
 
 
-def _attention_found(method: Any, model: PreTrainedModel) -> str | None:
-    if method.name not in ATTENTION_SLOT_METHODS:
-        return None
-    without = [m for m in _attention_blocks(model) if not hasattr(m, "head_dim")]
-    if not without:
-        return None
-    return (
-        f"{method.name}: {type(model).__name__}'s attention ({type(without[0]).__name__}) has no head_dim "
-        "attribute, which litpeft's attention slots (prefix keys/values, adaption prompts) need to find "
-        "and shape each layer's attention; this family is not supported by this method"
-    )
-
-
 def _llama_adapter_key_norm(method: Any, model: PreTrainedModel) -> str | None:
     if method.name not in LLAMA_ADAPTERS:
         return None
-    for module in _attention_blocks(model):
+    from litpeft.methods.layout import attention_modules, head_dim  # layout -> base -> this module
+
+    for module in attention_modules(model):
         norm = getattr(module, "k_norm", None)
         weight = getattr(norm, "weight", None)
-        if weight is not None and weight.shape[-1] != getattr(module, "head_dim", weight.shape[-1]):
+        if weight is not None and weight.shape[-1] != head_dim(module):
             return (
                 f"{method.name}: {type(model).__name__} normalizes the keys of all heads together "
-                f"(k_norm over {weight.shape[-1]} features, not per head of {module.head_dim}), so the "
+                f"(k_norm over {weight.shape[-1]} features, not per head of {head_dim(module)}), so the "
                 "adaption prompts' keys cannot be computed per head as LLaMA-Adapter does"
             )
     return None
@@ -86,7 +64,6 @@ def _llama_adapter_key_norm(method: Any, model: PreTrainedModel) -> str | None:
 
 RULES: list[Callable[[Any, PreTrainedModel], str | None]] = [
     _expert_targets,
-    _attention_found,
     _llama_adapter_key_norm,
 ]
 

@@ -7,7 +7,7 @@ Methods find what they change without per-model code:
   adapters hook each one.
 - :func:`find_block`: the attention or MLP child of a layer, by the attribute names transformers uses or
   by class name (``*Attention``, ``*MLP``).
-- :func:`attention_modules`, :func:`kv_heads`, :func:`text_config`, :func:`hidden_size`,
+- :func:`attention_modules`, :func:`head_dim`, :func:`kv_heads`, :func:`text_config`, :func:`hidden_size`,
   :func:`max_positions`, :func:`decoder_backbone`, :func:`is_norm`.
 
 State a method keeps in the model is a child module under a fixed *slot* name, set with :func:`attach`
@@ -140,16 +140,26 @@ def find_block(
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules, in layer order (modules with an integer ``layer_idx`` and ``head_dim``)."""
+    """The self-attention modules, in layer order (``*Attention`` modules with an integer ``layer_idx``)."""
     mods = [
         m
         for m in model.modules()
         if isinstance(getattr(m, "layer_idx", None), int)
-        and hasattr(m, "head_dim")
+        and type(m).__name__.endswith("Attention")
         and not getattr(m, "is_cross_attention", False)
     ]
     mods.sort(key=lambda m: m.layer_idx)
     return mods
+
+
+def head_dim(module: nn.Module) -> int:
+    """Width of one attention head of an attention module: its ``head_dim``, else the config's, else
+    ``hidden_size / num_attention_heads`` (GPT-NeoX's attention has neither attribute, only ``head_size``)."""
+    dim = getattr(module, "head_dim", None)
+    if isinstance(dim, int):
+        return dim
+    config = module.config
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -30,13 +30,22 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.attention import (
+    AttentionCall,
     AttentionState,
     register_attention_slot,
     restore_attention,
     use_peft_attention,
 )
 from litpeft.methods.base import PeftLayer, PeftMethod, check_arg, find_targets, refuse, replace_module
-from litpeft.methods.layout import TrainableNorm, attach, attention_modules, detach, text_config, train_norms
+from litpeft.methods.layout import (
+    TrainableNorm,
+    attach,
+    attention_modules,
+    detach,
+    head_dim,
+    text_config,
+    train_norms,
+)
 from litpeft.quantize import plain_layer
 
 ADAPTION = "litpeft_adaption"  # attention slot that holds a layer's AdaptionPrompt
@@ -75,15 +84,14 @@ class AdaptionPrompt(AttentionState):
             self._cached = (stamp, prompt_key_value(module, self.prompt, dtype))
         return self._cached[1]
 
-    def output(
-        self, module: nn.Module, query: torch.Tensor, out: torch.Tensor, kwargs: dict[str, Any]
-    ) -> torch.Tensor:
+    def output(self, call: AttentionCall, out: torch.Tensor) -> torch.Tensor:
         """``out + tanh(g) * softmax(Q K_p^T / sqrt(d)) V_p`` (eq. 8), in the query's head layout."""
+        module, query = call.module, call.query
         ak, av = self.key_value(module, query.dtype)
         groups = query.shape[1] // ak.shape[0]
         ak = ak.repeat_interleave(groups, dim=0).to(query.dtype)  # same head grouping as repeat_kv
         av = av.repeat_interleave(groups, dim=0).to(query.dtype)
-        scaling = kwargs.get("scaling") or module.head_dim**-0.5
+        scaling = call.kwargs.get("scaling") or head_dim(module) ** -0.5
         scores = torch.softmax((query @ ak.transpose(-1, -2)).float() * scaling, dim=-1)
         gate = torch.tanh(self.gate.float()).view(1, -1, 1, 1)  # one per head, or one broadcast
         extra = ((gate * scores).to(av.dtype) @ av).transpose(1, 2)
@@ -102,11 +110,11 @@ def prompt_key_value(
     query's): on a bf16 base outside autocast (``bf16-true``, or a call after ``fit``) the frozen bf16
     projections take bf16 inputs only. The cast is differentiable: the gradient reaches the fp32 prompt.
 
-    Knows the three layouts of the interface's architectures: separate ``k_proj``/``v_proj`` (Llama,
-    Mistral, Qwen2/3, Gemma; Qwen3's ``k_norm`` applied), fused ``c_attn`` (GPT-2) and fused
-    ``qkv_proj`` (Phi3).
+    Knows the four layouts of the interface's architectures: separate ``k_proj``/``v_proj`` (Llama,
+    Mistral, Qwen2/3, Gemma; Qwen3's ``k_norm`` applied), fused ``c_attn`` (GPT-2), fused ``qkv_proj``
+    (Phi3) and fused per-head ``query_key_value`` (GPT-NeoX: each head's ``[q | k | v]`` side by side).
     """
-    head_dim = module.head_dim
+    dim = head_dim(module)
     x = prompt[None] if dtype is None else prompt[None].to(dtype)
     if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
         k, v = module.k_proj(x), module.v_proj(x)
@@ -114,16 +122,20 @@ def prompt_key_value(
         _, k, v = module.c_attn(x).split(module.split_size, dim=2)
     elif hasattr(module, "qkv_proj"):  # Phi3: [q | k | v] with q of num_heads * head_dim
         qkv = module.qkv_proj(x)
-        q_size = module.config.num_attention_heads * head_dim
+        q_size = module.config.num_attention_heads * dim
         kv_size = (qkv.shape[-1] - q_size) // 2
         k, v = qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+    elif hasattr(module, "query_key_value"):  # GPT-NeoX: (K, heads, 3 * head_dim), as its forward views it
+        qkv = module.query_key_value(x)
+        _, k, v = qkv.view(*qkv.shape[:-1], -1, 3 * dim).chunk(3, dim=-1)
+        k, v = k.flatten(-2), v.flatten(-2)
     else:
         raise LitPeftError(
             f"LLaMA-Adapter does not know the key/value projections of {type(module).__name__} "
-            "(supported: k_proj/v_proj, c_attn, qkv_proj)"
+            "(supported: k_proj/v_proj, c_attn, qkv_proj, query_key_value)"
         )
-    k = k.view(k.shape[1], -1, head_dim).transpose(0, 1)
-    v = v.view(v.shape[1], -1, head_dim).transpose(0, 1)
+    k = k.view(k.shape[1], -1, dim).transpose(0, 1)
+    v = v.view(v.shape[1], -1, dim).transpose(0, 1)
     if hasattr(module, "k_norm"):  # Qwen3-style per-head norm on keys, part of the layer's key map
         k = module.k_norm(k)
     return k, v

@@ -64,13 +64,19 @@ def test_family_specific_features_are_there() -> None:
 
 
 @pytest.mark.parametrize("make", [PrefixTuning, PTuningV2, LlamaAdapter, LlamaAdapterV2])
-def test_attention_slot_methods_refuse_gpt_neox_in_one_line(make: type) -> None:
-    """GPT-NeoX's attention has ``head_size``, not ``head_dim``: the attention slots cannot shape it (it
-    crashed with an IndexError, or claimed the model had 0 layers)."""
+def test_attention_slot_methods_shape_gpt_neox_heads(make: type) -> None:
+    """GPT-NeoX's attention has ``head_size``, not ``head_dim`` (the slots crashed with an IndexError, or
+    claimed the model had 0 layers, then were refused): the head width is hidden_size / num_attention_heads."""
     model = load_model("tiny:gpt_neox")
-    with pytest.raises(LitPeftError, match=r"GPTNeoXAttention\) has no head_dim") as info:
-        make().apply(model)
-    assert "\n" not in str(info.value)
+    assert family_refusal(make(), model) is None
+    method = make(adapter_layers=2) if make in (LlamaAdapter, LlamaAdapterV2) else make(num_virtual_tokens=3)
+    method.apply(model)
+    slots = [m for n, m in model.named_modules() if n.endswith(("litpeft_prefix", "litpeft_adaption"))]
+    assert len(slots) == 2  # one per layer
+    if make in (PrefixTuning, PTuningV2):
+        assert slots[0]()[0].shape == (4, 3, 64 // 4)
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, model.config.vocab_size)
 
 
 @pytest.mark.parametrize("make", [LlamaAdapter, LlamaAdapterV2])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from litpeft.errors import LitPeftError
 from litpeft.methods import PrefixTuning, attention
@@ -14,7 +14,7 @@ from litpeft.methods.layout import attach, attention_modules
 from litpeft.methods.llama_adapter import ADAPTION, AdaptionPrompt, prompt_key_value
 from litpeft.models import load_model, tiny_tokenizer
 
-ARCHS = ["llama", "qwen2", "gpt2", "mistral", "phi3"]
+ARCHS = ["llama", "qwen2", "gpt2", "mistral", "phi3", "gpt_neox"]
 TEXTS = ["Attention is all you need, and a prefix.", "Short one"]
 
 
@@ -182,3 +182,18 @@ def test_prefix_attention_under_bf16_on_the_cpu_runs_in_fp32(monkeypatch):
     assert seen and set(seen) == {(torch.float32, False)}
     keep = enc["attention_mask"].bool()
     torch.testing.assert_close(low[keep].float(), reference[keep], atol=0.1, rtol=0.05)
+
+
+def test_gpt_neox_prompt_keys_are_its_attention_keys():
+    """GPT-NeoX fuses q/k/v per head (``query_key_value``, no ``head_dim`` attribute): the prompt keys and
+    values are the ones its attention caches for the same hidden states (rotation off: cos 1, sin 0)."""
+    attn = attention_modules(load_model("tiny:gpt_neox"))[1]
+    prompt = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache()
+    rope = (torch.ones(1, 3, 16), torch.zeros(1, 3, 16))  # head_size 16 = hidden 64 / 4 heads
+    with torch.no_grad():
+        attn(prompt[None], attention_mask=None, layer_past=cache, position_embeddings=rope)
+        k, v = prompt_key_value(attn, prompt)
+    assert k.shape == (4, 3, 16)
+    torch.testing.assert_close(k, cache.layers[1].keys[0])
+    torch.testing.assert_close(v, cache.layers[1].values[0])

@@ -59,7 +59,7 @@ def test_trainable_count_equals_peft_and_formula(arch, projection):
     assert ours == expected
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt_neox"])  # GPT-NeoX: head_dim from hidden / heads
 @pytest.mark.parametrize("make", [lambda: PrefixTuning(6, encoder_hidden_size=24), lambda: PTuningV2(6)])
 def test_peft_round_trip_after_training(arch, make, tmp_path, caplog):
     """Export after training; peft loads the files without key warnings and gives the same logits (1e-5)."""
@@ -77,6 +77,36 @@ def test_peft_round_trip_after_training(arch, make, tmp_path, caplog):
     # and the prefix matters: the base model's logits differ
     plain = helpers.logits(helpers.base_model(arch), data)
     assert (plain[keep] - ours[keep]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "mistral"])
+def test_sliding_window_layers_let_the_prefix_leave_the_window_as_peft_does(arch, tmp_path, caplog):
+    """On a sliding-window layer peft's prefix is a past KV-cache entry at positions 0..N-1, so tokens more
+    than ``sliding_window`` past it no longer see it; litpeft's prefix follows the same rule: the export
+    gives litpeft's logits on a sequence three windows long (Gemma 2/3: every other layer slides; Mistral
+    with a window: every layer), and generation with the sliding cache equals it without."""
+    window = 8
+    method = PTuningV2(6)
+    model = helpers.base_model(arch)
+    model.config.sliding_window = model.config.sliding_window or window  # tiny Mistral has none
+    assert model.config.sliding_window == window
+    torch.manual_seed(0)
+    method.apply(model).eval()
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 3 * window), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    helpers.export_peft(method, model, tmp_path)
+    base = helpers.base_model(arch)
+    base.config.sliding_window = window
+    theirs = helpers.peft_model_without_missing_keys(base, tmp_path, caplog)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours, theirs(input_ids=ids).logits[:, -ids.shape[1] :], atol=1e-5, rtol=1e-5
+        )
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    helpers.greedy_with_cache_equals_without(model, enc, tiny_tokenizer().pad_token_id, 4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -240,7 +270,14 @@ def test_architecture_without_attention_interface_is_refused(model_type):
         PrefixTuning(4).apply(model)
 
 
-@pytest.mark.parametrize("make", [lambda: PrefixTuning(5, encoder_hidden_size=16), lambda: PTuningV2(5)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PrefixTuning(5, encoder_hidden_size=16),
+        lambda: PTuningV2(5),
+        lambda: PTuningV2(5, init_text="Answer briefly.", tokenizer="tiny:llama"),
+    ],
+)
 def test_adapter_directory_round_trip(make, tmp_path):
     """save_adapter writes the projected prefix; load_adapter rebuilds the model with the same logits."""
     from types import SimpleNamespace
