@@ -286,17 +286,14 @@ def check_stored_mode(asked: str | None, stored: str | None) -> str | None:
 def checkpoint_mode(config: Any) -> QuantMode | None:
     """The litpeft mode of a checkpoint quantized by transformers + bitsandbytes, read from its config's
     ``quantization_config`` (``load_in_4bit`` with ``bnb_4bit_quant_type`` nf4/fp4 and
-    ``bnb_4bit_use_double_quant``, or ``load_in_8bit``); None for a checkpoint that is not quantized."""
+    ``bnb_4bit_use_double_quant``, or ``load_in_8bit``); None for a checkpoint that is not quantized by
+    bitsandbytes."""
     qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method = qc.get("quant_method")
-    if method != "bitsandbytes":
-        raise LitPeftError(
-            f"the checkpoint is quantized with {method}; litpeft reads checkpoints quantized by bitsandbytes "
-            "(nf4, fp4, int8) or unquantized ones"
-        )
+    if qc.get("quant_method") != "bitsandbytes":
+        return None  # another method (GPTQ, FP8, MXFP4, ...): transformers' own loading, as before
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
         if qc.get("llm_int8_has_fp16_weight"):
             raise LitPeftError(
