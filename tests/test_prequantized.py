@@ -151,16 +151,16 @@ def test_loading_makes_no_dense_copy(checkpoints: dict[str, Path], mode: str) ->
     assert mode == "int8" or [op for op in control.ops if "dequantize" in op]
 
 
-def _fit(tmp_path: Path, spec: str, method: PeftMethod, **kwargs: object) -> PeftLM:
+def _fit(tmp_path: Path, spec: str, method: PeftMethod, precision: str) -> PeftLM:
     rows = [{"instruction": f"Say {w}.", "output": w} for w in ["alpha", "gamma", "delta", "omega"] * 2]
     write_jsonl(tmp_path / "train.jsonl", rows)
     L.seed_everything(0)
-    module = PeftLM(spec, method=method, adapter_dir=str(tmp_path / "adapter"), **kwargs)
+    module = PeftLM(spec, method=method, adapter_dir=str(tmp_path / "adapter"))
     module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
     data = InstructionDataModule(train_file=str(tmp_path / "train.jsonl"), val_fraction=0.25, batch_size=2)
     trainer = L.Trainer(
         accelerator="cpu",
-        precision="bf16-mixed",
+        precision=precision,
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
@@ -176,7 +176,7 @@ def _fit(tmp_path: Path, spec: str, method: PeftMethod, **kwargs: object) -> Pef
 def test_lora_trains_on_the_stored_nf4_base_and_merges(tmp_path: Path, checkpoints: dict[str, Path]) -> None:
     spec = str(checkpoints["nf4"])
     before = load_model(spec, dtype=torch.bfloat16)
-    module = _fit(tmp_path, spec, LoRA(r=4, target_modules="all-linear"))
+    module = _fit(tmp_path, spec, LoRA(r=4, target_modules="all-linear"), "bf16-mixed")
     assert module.quantize == "nf4"
     layer = module.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer.base_layer, QuantizedLinear)
@@ -197,7 +197,9 @@ def test_lora_trains_on_the_stored_nf4_base_and_merges(tmp_path: Path, checkpoin
 def test_a_bottleneck_adapter_trains_on_the_stored_int8_base(
     tmp_path: Path, checkpoints: dict[str, Path]
 ) -> None:
-    module = _fit(tmp_path, str(checkpoints["int8"]), HoulsbyAdapter(bottleneck_size=8, init="zero_up"))
+    module = _fit(
+        tmp_path, str(checkpoints["int8"]), HoulsbyAdapter(bottleneck_size=8, init="zero_up"), "bf16-true"
+    )
     assert module.quantize == "int8"
     ups = [p for n, p in module.model.named_parameters() if p.requires_grad and n.endswith("up.weight")]
     assert ups and all(p.abs().sum() > 0 for p in ups)  # moved away from its zero init
