@@ -93,6 +93,9 @@ def test_weights_are_transformers_own_bit_for_bit(checkpoints: dict[str, Path], 
         if ".qweight" not in name and ".absmax" not in name and ".nested_" not in name:
             assert torch.equal(p, plain[name]), name
     assert not hasattr(ours.config, "quantization_config") and ours.hf_quantizer is None
+    meta = load_model(str(checkpoints[mode]), dtype=torch.bfloat16, meta=True)  # FSDP's other ranks
+    shapes = {n: (p.shape, p.dtype) for n, p in ours.named_parameters()}
+    assert {n: (p.shape, p.dtype) for n, p in meta.named_parameters()} == shapes
 
 
 @pytest.mark.parametrize("mode", ["nf4", "nf4-dq", "fp4"])
