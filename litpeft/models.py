@@ -220,7 +220,7 @@ def load_model(
     else:
         source = resolve_spec(spec, trust_remote_code)
         check_weights(source)
-        mode = stored_quantization(spec, trust_remote_code)
+        mode = _stored_mode(spec, source, trust_remote_code)
         try:
             with _read_in(dtypes or {}):
                 model = AutoModelForCausalLM.from_pretrained(
@@ -243,7 +243,10 @@ def stored_quantization(spec: str, trust_remote_code: bool = False) -> QuantMode
     Such a checkpoint loads without dequantizing: its packed weights become the quantized base."""
     if spec.startswith("tiny:"):
         return None
-    source = resolve_spec(spec, trust_remote_code)
+    return _stored_mode(spec, resolve_spec(spec, trust_remote_code), trust_remote_code)
+
+
+def _stored_mode(spec: str, source: str, trust_remote_code: bool) -> QuantMode | None:
     try:
         config = AutoConfig.from_pretrained(
             source, local_files_only=True, trust_remote_code=trust_remote_code
