@@ -231,3 +231,24 @@ def test_a_bnb_4bit_repo_from_the_hub(
     assert {m.mode for m in model.modules() if isinstance(m, QuantizedLinear)} == {"nf4-dq"}
     ids = token_ids()
     assert torch.equal(logits(model, ids), logits(transformers_model(checkpoints["nf4-dq"]), ids))
+
+
+def test_stored_configs_map_to_modes_and_the_rest_fails_with_one_line() -> None:
+    from types import SimpleNamespace
+
+    from litpeft.quantize import checkpoint_mode
+
+    def mode(**qc: object) -> str | None:
+        return checkpoint_mode(SimpleNamespace(quantization_config={"quant_method": "bitsandbytes", **qc}))
+
+    assert mode(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True) == "nf4-dq"
+    assert mode(load_in_8bit=True) == "int8"
+    assert checkpoint_mode(SimpleNamespace(quantization_config={"quant_method": "gptq", "bits": 4})) is None
+    assert checkpoint_mode(SimpleNamespace()) is None
+    for bad in (
+        dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+        dict(load_in_8bit=True, llm_int8_has_fp16_weight=True),
+    ):
+        with pytest.raises(LitPeftError) as e:
+            mode(**bad)
+        assert "\n" not in str(e.value) and "the checkpoint is" in str(e.value)
