@@ -317,10 +317,13 @@ def from_bnb(layer: nn.Module, mode: QuantMode) -> QuantizedLinear:
         q.bias = _frozen(layer.bias.detach())
     if weight.is_meta:
         return q
+    state = getattr(weight, "quant_state", None)
+    stored = "int8" if state is None else "nf4-dq" if state.nested else state.quant_type
+    if stored != mode or (mode == "int8" and weight.dtype != torch.int8):
+        raise LitPeftError(f"the checkpoint's config says {mode}, its layers are stored {stored}")
     if mode == "int8":
         q.qweight, q.absmax = _frozen(weight.data), _frozen(weight.SCB)
         return q
-    state = weight.quant_state
     nested = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
     if (state.blocksize, nested) != (BLOCKSIZE, NESTED_BLOCKSIZE):
         raise LitPeftError(
@@ -352,23 +355,21 @@ def adopt_bnb(model: nn.Module, mode: QuantMode, dtype: torch.dtype, dtypes: dic
     quantized = [name for name, m in model.named_modules() if isinstance(m, layers)]
     for name in quantized:
         model.set_submodule(name, from_bnb(model.get_submodule(name), mode))
-    mode_of = {m.mode for m in model.modules() if isinstance(m, QuantizedLinear)}
-    if mode_of != {mode}:
-        raise LitPeftError(
-            f"the checkpoint says {mode}, its layers are {', '.join(sorted(mode_of)) or 'plain'}"
-        )
+    if not quantized:
+        raise LitPeftError(f"the checkpoint's config says {mode}, but no layer of it is quantized")
     model.hf_quantizer = None
     for attr in ("is_quantized", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         model.__dict__.pop(attr, None)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # the conversions transformers recorded to read (and, on save, write back) the packed tensors
-    conversions = getattr(model, "_weight_conversions", None) or []
-    model._weight_conversions = [
-        c
-        for c in conversions
-        if not any(getattr(op, "hf_quantizer", None) for op in getattr(c, "operations", ()))
-    ]
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is not None:
+        model._weight_conversions = [
+            c
+            for c in conversions
+            if not any(getattr(op, "hf_quantizer", None) for op in getattr(c, "operations", ()))
+        ]
     packed = {id(p) for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()}
     bias = {id(m.bias) for m in model.modules() if isinstance(m, QuantizedLinear) and m.bias is not None}
     for name, p in model.named_parameters():
