@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 
 from litpeft.methods.base import PeftMethod
 from litpeft.precision import HALF_DTYPES, frozen_embeddings, frozen_linears
-from litpeft.quantize import QuantMode, quantize_model, quantize_targets
+from litpeft.quantize import QuantMode, quantize_model, quantize_targets, quantized_mode
 
 
 def storage_dtypes(
@@ -53,7 +53,7 @@ def storage_dtypes(
         model = build_meta()
         names = {id(m): (name, m) for name, m in model.named_modules()}  # the tuple keeps ``m`` alive
         dtypes: dict[str, torch.dtype] = {}
-        if quantize:
+        if quantize and quantized_mode(model) is None:  # else stored quantized: its packed data is read as is
             quantized = quantize_targets(model)
             if checkpoint in HALF_DTYPES:
                 dtypes.update({f"{name}.weight": checkpoint for name in quantized})

@@ -38,6 +38,7 @@ from transformers import (
 from litpeft import hub
 from litpeft.errors import LitPeftError
 from litpeft.files import atomic_path, cache_dir
+from litpeft.quantize import QuantMode, adopt_bnb, checkpoint_mode
 from litpeft.tiny import TINY_CONFIGS, _tiny_model, tiny_tokenizer  # re-exported: tiny:<arch> specs
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,9 @@ def load_model(
                     trust_remote_code=trust_remote_code,
                 )
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+                if mode := checkpoint_mode(config):
+                    _bnb_layers(model, config)
+                    adopt_bnb(model, mode, dtype or torch.float32, {})
         model = model.to(dtype or torch.float32)
         for name, p in model.named_parameters():  # as rank 0 reads them (see litpeft.distributed)
             if name in (dtypes or {}):
@@ -216,6 +220,7 @@ def load_model(
     else:
         source = resolve_spec(spec, trust_remote_code)
         check_weights(source)
+        mode = _stored_mode(spec, source, trust_remote_code)
         try:
             with _read_in(dtypes or {}):
                 model = AutoModelForCausalLM.from_pretrained(
@@ -226,8 +231,42 @@ def load_model(
                 )
         except (OSError, ValueError) as e:
             raise LitPeftError(_load_error(spec, e)) from e
+        if mode is not None:  # transformers built bitsandbytes layers from the stored packed weights
+            adopt_bnb(model, mode, dtype or torch.float32, dtypes or {})
     model.requires_grad_(False)
     return model.eval()
+
+
+def stored_quantization(spec: str, trust_remote_code: bool = False) -> QuantMode | None:
+    """The mode a checkpoint is stored quantized in by transformers + bitsandbytes (its config's
+    ``quantization_config``; see :func:`litpeft.quantize.checkpoint_mode`), None for an unquantized one.
+    Such a checkpoint loads without dequantizing: its packed weights become the quantized base."""
+    if spec.startswith("tiny:"):
+        return None
+    return _stored_mode(spec, resolve_spec(spec, trust_remote_code), trust_remote_code)
+
+
+def _stored_mode(spec: str, source: str, trust_remote_code: bool) -> QuantMode | None:
+    try:
+        config = AutoConfig.from_pretrained(
+            source, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise LitPeftError(_load_error(spec, e)) from e
+    mode = checkpoint_mode(config)
+    if mode is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise LitPeftError(f"model '{spec}' is stored quantized ({mode}): pip install 'litpeft[quant]'")
+    return mode
+
+
+def _bnb_layers(model: PreTrainedModel, config: Any) -> None:
+    """Put the bitsandbytes layers transformers would build for ``config``'s quantization into a model on
+    the meta device (the same layers as ``from_pretrained`` picks: the LM head and the config's skipped
+    modules stay plain)."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(config.quantization_config, pre_quantized=True)
+    quantizer.preprocess_model(model=model, dtype=torch.float32, device_map=None, checkpoint_files=None)
 
 
 @contextlib.contextmanager
@@ -296,6 +335,7 @@ __all__ = [
     "load_tokenizer",
     "pinned_spec",
     "resolve_spec",
+    "stored_quantization",
     "tiny_tokenizer",
     "TINY_CONFIGS",
 ]

@@ -21,8 +21,8 @@ from litpeft.loading import storage_dtypes
 from litpeft.loss import answer_logits, token_loss
 from litpeft.methods import LoRA, PeftMethod
 from litpeft.methods.attention import CPU_SDPA
-from litpeft.models import checkpoint_dtype, describe, load_model, load_tokenizer
-from litpeft.quantize import QuantMode, check_mode, quantize_model
+from litpeft.models import checkpoint_dtype, describe, load_model, load_tokenizer, stored_quantization
+from litpeft.quantize import QuantMode, check_mode, check_stored_mode, quantize_model
 from litpeft.rng_state import TrainingRNG
 from litpeft.schedulers import build_lr_scheduler
 from litpeft.slurm import was_preempted
@@ -64,6 +64,8 @@ class PeftLM(L.LightningModule):
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
         self.adapter_dir = adapter_dir
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        # a checkpoint stored quantized by bitsandbytes is that quantized base (model.quantize null or equal)
+        self.quantize = check_stored_mode(quantize, stored_quantization(model, trust_remote_code))
         self.model: PreTrainedModel | None = None
         self.optimizer_init: dict[str, Any] = DEFAULT_OPTIMIZER
         self.lr_scheduler_init: dict[str, Any] | None = None

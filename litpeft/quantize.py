@@ -216,9 +216,15 @@ class QuantizedLinear(nn.Linear):
 
 def quantize_model(model: nn.Module, mode: QuantMode, skip: tuple[nn.Module, ...] = ()) -> nn.Module:
     """Replace every linear layer of ``model`` except its output layer (LM head) and ``skip`` by a
-    :class:`QuantizedLinear` (in place; one layer at a time, so the peak is one extra layer)."""
+    :class:`QuantizedLinear` (in place; one layer at a time, so the peak is one extra layer).
+
+    A model already quantized (a checkpoint quantized by bitsandbytes, see :func:`adopt_bnb`) is left as
+    it is when ``mode`` is its mode, and refused otherwise."""
     check_mode(mode)
     if mode is None:
+        return model
+    check_stored_mode(mode, quantized_mode(model))
+    if quantized_mode(model) is not None:
         return model
     if not any(p.is_meta for p in model.parameters()):
         _bnb()
@@ -259,3 +265,114 @@ def plain_layer(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | Non
     plain.weight = nn.Parameter(weight.detach().contiguous(), requires_grad=False)
     plain.bias = None if bias is None else nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
     return plain.to(weight.device)
+
+
+# -- checkpoints already quantized by transformers + bitsandbytes ---------------------------------------
+
+
+def quantized_mode(model: nn.Module) -> str | None:
+    """The mode of ``model``'s :class:`QuantizedLinear` layers; None when it has none."""
+    return next((m.mode for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+
+
+def check_stored_mode(asked: str | None, stored: str | None) -> str | None:
+    """The mode to run with when the checkpoint is stored quantized as ``stored`` and ``asked`` is
+    ``model.quantize``: the stored one (``asked`` must be null or equal to it)."""
+    if stored is not None and asked not in (None, stored):
+        raise LitPeftError(f"the checkpoint is already {stored}; drop --model.quantize or set it to {stored}")
+    return stored or asked
+
+
+def checkpoint_mode(config: Any) -> QuantMode | None:
+    """The litpeft mode of a checkpoint quantized by transformers + bitsandbytes, read from its config's
+    ``quantization_config`` (``load_in_4bit`` with ``bnb_4bit_quant_type`` nf4/fp4 and
+    ``bnb_4bit_use_double_quant``, or ``load_in_8bit``); None for a checkpoint that is not quantized by
+    bitsandbytes."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if qc.get("quant_method") != "bitsandbytes":
+        return None  # another method (GPTQ, FP8, MXFP4, ...): transformers' own loading, as before
+    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+        if qc.get("llm_int8_has_fp16_weight"):
+            raise LitPeftError(
+                "the checkpoint is 8-bit with llm_int8_has_fp16_weight: its weights are not int8"
+            )
+        return "int8"
+    kind, double = qc.get("bnb_4bit_quant_type", "fp4"), bool(qc.get("bnb_4bit_use_double_quant"))
+    if kind == "fp4" and double:
+        raise LitPeftError("the checkpoint is fp4 with double quantization, which litpeft does not read")
+    return "nf4-dq" if double else kind
+
+
+def from_bnb(layer: nn.Module, mode: QuantMode) -> QuantizedLinear:
+    """A :class:`QuantizedLinear` holding the very tensors of a bitsandbytes ``Linear4bit``/``Linear8bitLt``
+    as transformers loads them from a quantized checkpoint (``Params4bit.from_prequantized``; ``Int8Params``
+    and its ``SCB``): no copy, nothing dequantized. A layer on the meta device gives a meta layer."""
+    weight = layer.weight
+    q = QuantizedLinear(layer.in_features, layer.out_features, layer.bias is not None, mode, device="meta")
+    q.from_conv1d = issubclass(getattr(layer, "source_cls", nn.Linear), Conv1D)
+    if layer.bias is not None:
+        q.bias = _frozen(layer.bias.detach())
+    if weight.is_meta:
+        return q
+    state = getattr(weight, "quant_state", None)
+    stored = "int8" if state is None else "nf4-dq" if state.nested else state.quant_type
+    if stored != mode or (mode == "int8" and weight.dtype != torch.int8):
+        raise LitPeftError(f"the checkpoint's config says {mode}, its layers are stored {stored}")
+    if mode == "int8":
+        q.qweight, q.absmax = _frozen(weight.data), _frozen(weight.SCB)
+        return q
+    nested = state.state2.blocksize if state.nested else NESTED_BLOCKSIZE
+    if (state.blocksize, nested) != (BLOCKSIZE, NESTED_BLOCKSIZE):
+        raise LitPeftError(
+            f"the checkpoint's 4-bit blocks are {state.blocksize} (nested {nested}); litpeft reads "
+            f"{BLOCKSIZE} (nested {NESTED_BLOCKSIZE}), bitsandbytes' default"
+        )
+    # bnb_4bit_quant_storage other than uint8 (FSDP-QLoRA checkpoints) holds the same bytes
+    q.qweight = _frozen(weight.data.view(torch.uint8).reshape(-1, 1))
+    q.absmax = _frozen(state.absmax)
+    if mode == "nf4-dq":
+        q.nested_absmax, q.nested_code = _frozen(state.state2.absmax), _frozen(state.state2.code)
+        q.nested_offset = _frozen(state.offset.reshape(1).float())
+    return q
+
+
+def adopt_bnb(model: nn.Module, mode: QuantMode, dtype: torch.dtype, dtypes: dict[str, torch.dtype]) -> None:
+    """Replace, in place, the bitsandbytes layers transformers built for a quantized checkpoint by
+    :class:`QuantizedLinear` layers holding the same tensors (:func:`from_bnb`), and make the model a plain
+    transformers model again (the quantized layers are litpeft's now: ``.to(dtype)``, ``save_pretrained``
+    of a merged model and FSDP treat it like any other).
+
+    transformers reads the unquantized tensors of such a checkpoint (norms, embeddings, LM head) in the
+    checkpoint's dtype whatever ``dtype`` it is given; they are cast here to ``dtypes[name]``, else to
+    ``dtype``, as litpeft reads an unquantized checkpoint (see :mod:`litpeft.loading`).
+    """
+    import bitsandbytes as bnb
+
+    layers = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    quantized = [name for name, m in model.named_modules() if isinstance(m, layers)]
+    for name in quantized:
+        model.set_submodule(name, from_bnb(model.get_submodule(name), mode))
+    if not quantized:
+        raise LitPeftError(f"the checkpoint's config says {mode}, but no layer of it is quantized")
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        model.__dict__.pop(attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # the conversions transformers recorded to read (and, on save, write back) the packed tensors
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is not None:
+        model._weight_conversions = [
+            c
+            for c in conversions
+            if not any(getattr(op, "hf_quantizer", None) for op in getattr(c, "operations", ()))
+        ]
+    packed = {id(p) for m in model.modules() if isinstance(m, QuantizedLinear) for p in m.parameters()}
+    bias = {id(m.bias) for m in model.modules() if isinstance(m, QuantizedLinear) and m.bias is not None}
+    for name, p in model.named_parameters():
+        target = dtypes.get(name, dtype)
+        if (id(p) not in packed or id(p) in bias) and p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
