@@ -119,6 +119,20 @@ def test_prompt_tuning_scores_match_a_hand_computation(tmp_path) -> None:
         assert greedy == ref_greedy
 
 
+def test_a_quantized_base_is_scored_as_its_own_forward_computes(tmp_path) -> None:
+    """QLoRA (nf4 base + LoRA), unmerged: the scores are the loaded model's own logits'."""
+    adapter = make_adapter(tmp_path / "adapter", "tiny:llama", LoRA(r=4), quantize="nf4")
+    loaded = load_for_inference(str(adapter), None, None, "cpu")
+    tokenizer = loaded.tokenizer
+    pairs = [(tokenizer.encode("Hello there"), tokenizer.encode(" world")), ([65], tokenizer.encode("BCD"))]
+    scored = HarnessLM(loaded, batch_size=2)._loglikelihood_tokens([(None, c, k) for c, k in pairs])
+    for (lp, _), (context, continuation) in zip(scored, pairs, strict=True):
+        with torch.no_grad():
+            logits = loaded.model(input_ids=torch.tensor([context + continuation])).logits[0]
+        rows = logits[len(context) - 1 : -1].float().log_softmax(-1)
+        assert lp == pytest.approx(float(rows.gather(1, torch.tensor(continuation)[:, None]).sum()), abs=1e-4)
+
+
 def test_cli_writes_lm_evals_results_next_to_the_adapter(lora, monkeypatch, capsys) -> None:
     adapter, loaded, merged = lora
     monkeypatch.chdir(REPO)  # the task files name their data relative to the repository root
