@@ -228,12 +228,19 @@ def _is_file_spec(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml")) or Path(spec).is_file()
 
 
+def _group_name(path: str) -> str | None:
+    """The ``group:`` a YAML file defines (``None`` for a task file)."""
+    found = re.search(r"^group\s*:\s*['\"]?([^'\"\s#]+)", Path(path).read_text(errors="replace"), re.M)
+    return found.group(1) if found else None
+
+
 def load_tasks(tasks: str) -> tuple[TaskManager, list[Any]]:
     """The tasks named in ``tasks`` (comma-separated names, globs or task YAML files), built with their
     data: ``(the task manager, the top-level tasks and groups)``.
 
-    A YAML file's directory joins lm-eval's ``include_path`` (its tasks may name their neighbours); the
-    built-in index is read only when a name needs it.
+    A task file is read by itself; a group file's directory joins lm-eval's ``include_path`` (lm-eval
+    indexes it with its subdirectories), so that the group finds the tasks it names there. The built-in
+    index is read only when a name needs it.
     """
     specs = [s.strip() for s in tasks.split(",") if s.strip()]
     if not specs:
@@ -242,12 +249,13 @@ def load_tasks(tasks: str) -> tuple[TaskManager, list[Any]]:
     for spec in files:
         if not Path(spec).is_file():
             raise LitPeftError(f"--tasks: task file '{spec}' does not exist")
-    include = tuple(sorted({str(Path(s).resolve().parent) for s in files}))
+    groups = {s: _group_name(s) for s in files if _group_name(s)}  # loaded by name, from the index
+    include = tuple(sorted({str(Path(s).resolve().parent) for s in groups}))
     manager = _task_manager(include, len(files) < len(specs))
     resolved: list[str] = []
     for spec in specs:
         if spec in files:
-            resolved.append(str(Path(spec).resolve()))
+            resolved.append(groups.get(spec) or str(Path(spec).resolve()))
             continue
         matched = manager.match_tasks([spec])
         if not matched:

@@ -136,19 +136,20 @@ def test_a_quantized_base_is_scored_as_its_own_forward_computes(tmp_path) -> Non
 def test_cli_writes_lm_evals_results_next_to_the_adapter(lora, monkeypatch, capsys) -> None:
     adapter, loaded, merged = lora
     monkeypatch.chdir(REPO)  # the task files name their data relative to the repository root
-    files = [str(TASKS / "multiple_choice.yaml"), str(TASKS / "reverse.yaml")]
-    main(["evaluate", "--adapter", str(adapter), "--tasks", ",".join(files)]
+    group = str(TASKS / "litpeft_tasks.yaml")  # the group of the two tasks there
+    main(["evaluate", "--adapter", str(adapter), "--tasks", group]
          + ["--limit", "5", "--num_fewshot", "1", "--batch_size", "4"])  # fmt: skip
     assert "litpeft_multiple_choice" in capsys.readouterr().out  # lm-eval's table
 
-    results = json.loads((adapter / "lm_eval-multiple_choice+reverse.json").read_text())
-    assert results["n-shot"] == {"litpeft_multiple_choice": 1, "litpeft_reverse": 1}
+    results = json.loads((adapter / "lm_eval-litpeft_tasks.json").read_text())
+    assert results["group_subtasks"]["litpeft_tasks"] == ["litpeft_multiple_choice", "litpeft_reverse"]
+    assert results["n-shot"]["litpeft_multiple_choice"] == results["n-shot"]["litpeft_reverse"] == 1
     assert results["config"]["adapter"] == str(adapter)
     assert results["config"]["method"]["class_path"].endswith("LoRA")
 
     reference = evaluator.simple_evaluate(
         model=HFLM(pretrained=merged, tokenizer=loaded.tokenizer, batch_size=4, max_length=511),
-        tasks=files,
+        tasks=[str(TASKS / "multiple_choice.yaml"), str(TASKS / "reverse.yaml")],
         task_manager=TaskManager(include_path=str(TASKS), include_defaults=False),
         num_fewshot=1,
         limit=5,
