@@ -4,6 +4,7 @@ litpeft generate --adapter runs/adapter --prompt "Name three colors."
 litpeft generate --adapter runs/adapter                      # interactive chat, streamed
 litpeft generate --adapter runs/adapter --input prompts.jsonl --output answers.jsonl
 litpeft evaluate --adapter runs/adapter --data val.jsonl     # loss, perplexity, exact match, ROUGE-L
+litpeft evaluate --adapter runs/adapter --tasks arc_easy,hellaswag --limit 200   # lm-evaluation-harness
 litpeft merge --adapter runs/adapter --output merged/        # plain transformers model directory
 litpeft export --adapter runs/adapter --format peft --output peft/
 litpeft download Qwen/Qwen2.5-0.5B-Instruct                 # prefetch a hub model (or hub://org/dataset)
@@ -152,7 +153,7 @@ def generate(
 
 # -- evaluate ---------------------------------------------------------------------------------------
 def evaluate(
-    data: str,
+    data: str | None = None,
     adapter: str | None = None,
     model: str | None = None,
     output: str | None = None,
@@ -168,11 +169,15 @@ def evaluate(
     trust_remote_code: bool = False,
     allow_other_base: bool = False,
     overwrite: bool = False,
+    tasks: str | None = None,
+    num_fewshot: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a trained adapter (or a base model) on a validation file; write a JSON summary.
+    """Evaluate a trained adapter (or a base model) on a validation file or benchmarks; write a JSON summary.
 
-    Loss, perplexity and token accuracy are computed on the answer tokens, as in training; exact match
-    and ROUGE-L compare greedy generations with the reference answers.
+    ``--data``: loss, perplexity and token accuracy on the answer tokens, as in training; exact match and
+    ROUGE-L compare greedy generations with the reference answers. ``--tasks``: EleutherAI's
+    lm-evaluation-harness, in process on base + adapter (:mod:`litpeft.harness`; ``pip install
+    'litpeft[eval]'``).
 
     Args:
         data: validation file (JSONL/JSON): Alpaca rows with ``output``, or chat rows whose last
@@ -193,17 +198,39 @@ def evaluate(
         allow_other_base: use the adapter on a base whose weights differ from the one it was trained on.
         overwrite: replace an existing ``--output`` or ``--predictions`` file (the default summary file in
             the adapter directory is always replaced).
+        tasks: lm-eval tasks instead of ``--data``: comma-separated names (``arc_easy,hellaswag``), globs
+            or task YAML files; the results go to ``<adapter>/lm_eval-<tasks>.json`` (or ``--output``).
+            ``--limit`` counts each task's documents; ``--batch_size``, ``--dtype``, ``--device`` apply.
+        num_fewshot: few-shot examples per prompt with ``--tasks`` (default: each task's own).
     """
+    if (data is None) == (tasks is None):
+        raise LitPeftError(
+            "give --data FILE (loss, exact match, ROUGE-L) or --tasks NAMES (lm-eval), one of them"
+        )
     _positive(
         limit=limit, max_seq_length=max_seq_length, batch_size=batch_size, max_new_tokens=max_new_tokens
     )
+    parse_dtype(dtype)
+    parse_device(device)
+    check_output_file(output, overwrite)
+    if tasks is not None:
+        if predictions is not None or prompt_style is not None:
+            raise LitPeftError(
+                "--predictions and --prompt_style go with --data; lm-eval tasks bring their own prompts"
+            )
+        from litpeft import harness  # lm-eval: optional (the eval extra) and slow to import
+
+        return harness.evaluate_tasks(
+            tasks, adapter, model, output, limit, num_fewshot, batch_size, dtype, device,
+            trust_remote_code, allow_other_base,
+        )  # fmt: skip
+    if num_fewshot is not None:
+        raise LitPeftError("--num_fewshot goes with --tasks (lm-eval benchmarks)")
+    assert data is not None
     if output is None and adapter is None:
         output_path = None
     else:
         output_path = Path(output) if output else Path(adapter) / f"eval-{Path(data).stem}.json"
-    parse_dtype(dtype)
-    parse_device(device)
-    check_output_file(output, overwrite)
     check_output_file(predictions, overwrite, "--predictions")
     if output_path is not None and output is None:
         check_writable(output_path.parent, f"evaluation summary '{output_path}': its directory")

@@ -172,16 +172,20 @@ def generate(
     top_p: float = 1.0,
     progress: bool = False,
     longest_first: bool = True,
+    stop: Sequence[str] = (),
 ) -> list[str]:
     """Complete already-formatted ``prompts``; return the new text of each, in the input order.
 
     Prompts are generated in left-padded batches of ``batch_size``, longest first (similar lengths share
     a batch: less padding) unless ``longest_first=False`` (batches in the input order). A prompt's greedy
     answer can differ in the last bits with the padding its batch needs, so a fixed figure (the demo's)
-    keeps one batching. ``temperature`` 0 decodes greedily (see :func:`sampling_options`). The
-    tokenizer's padding side and the model's train/eval mode are restored afterwards.
+    keeps one batching. ``temperature`` 0 decodes greedily (see :func:`sampling_options`). A prompt's
+    answer also ends at the first of the ``stop`` strings it contains (the text returned still holds
+    it). The tokenizer's padding side and the model's train/eval mode are restored afterwards.
     """
     options = sampling_options(temperature, top_p)
+    if stop:
+        options |= {"stop_strings": list(stop), "tokenizer": tokenizer}
     order = list(range(len(prompts)))
     if longest_first:
         lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
