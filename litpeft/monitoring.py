@@ -61,6 +61,15 @@ def peak_memory(device: torch.device) -> tuple[str, float]:
     return "perf/peak_rss_gb", rss * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
+def device_peak_flops(trainer: L.Trainer) -> int | None:
+    """The device's peak FLOP/s in the run's compute dtype, from Lightning's table; None on a CPU (the
+    table has no CPUs) or a GPU it does not list."""
+    device = trainer.strategy.root_device
+    if device.type != "cuda":
+        return None
+    return get_available_flops(device, _plugin_to_compute_dtype(trainer.precision_plugin))
+
+
 class SpeedMonitor(Callback):
     """Tokens/s, loss tokens/s, MFU (where the device's peak is known) and peak memory at every log step."""
 
@@ -74,10 +83,7 @@ class SpeedMonitor(Callback):
         self._start, self._tokens, self._loss_tokens, self._positions = now, 0, 0, 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        device = trainer.strategy.root_device
-        self.peak_flops = None
-        if device.type == "cuda":  # the table knows GPUs (and TPUs); a CPU has no peak to divide by
-            self.peak_flops = get_available_flops(device, _plugin_to_compute_dtype(trainer.precision_plugin))
+        self.peak_flops = device_peak_flops(trainer)
         model = getattr(pl_module, "model", pl_module)
         self._flops = training_flops(model)
         self._reset(time.perf_counter())
@@ -160,4 +166,11 @@ def quiet_lightning() -> None:
             logger.addFilter(_NoTips())
 
 
-__all__ = ["SpeedMonitor", "StepProgressBar", "peak_memory", "quiet_lightning", "training_flops"]
+__all__ = [
+    "SpeedMonitor",
+    "StepProgressBar",
+    "device_peak_flops",
+    "peak_memory",
+    "quiet_lightning",
+    "training_flops",
+]
