@@ -21,6 +21,7 @@ import logging
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -91,23 +92,30 @@ class SpeedMonitor(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            return  # a data module of another shape: nothing to count
         ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch.get("labels")
         self._positions += ids.numel()
-        self._tokens += int(mask.sum()) if mask is not None else ids.numel()
+        # counted on the batch's device, read at log steps only: no host sync per step on a GPU
+        self._tokens = self._tokens + (mask.sum() if mask is not None else ids.numel())
         if labels is not None:
-            self._loss_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+            self._loss_tokens = self._loss_tokens + (labels[:, 1:] != IGNORE_INDEX).sum()
         if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
             return  # Lightning's ThroughputMonitor asks the same two questions
         if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # the steps' kernels are done: the clock measures them
         elapsed = max(time.perf_counter() - self._start, 1e-9)
-        counts = torch.tensor([self._tokens, self._loss_tokens], dtype=torch.float64)
+        device = trainer.strategy.root_device
+        counts = torch.stack([torch.as_tensor(n, device=device) for n in (self._tokens, self._loss_tokens)])
         if trainer.world_size > 1:
-            counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+            counts = trainer.strategy.reduce(counts.double(), reduce_op="sum")
+        counts = counts.double().cpu()
+        loss_tokens = float(counts[1])
         tokens_per_sec = float(counts[0]) / elapsed
-        metrics = {"perf/loss_tokens_per_sec": float(counts[1]) / elapsed}
+        metrics = {"perf/loss_tokens_per_sec": loss_tokens / elapsed}
         if self.peak_flops:
-            flops = self._flops[0] * self._positions + self._flops[1] * self._loss_tokens  # this device's
+            local = float(self._loss_tokens)  # this device's
+            flops = self._flops[0] * self._positions + self._flops[1] * local
             metrics["perf/mfu"] = flops / elapsed / self.peak_flops
         name, gb = peak_memory(trainer.strategy.root_device)
         metrics[name] = gb
