@@ -18,11 +18,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 #: panel title -> (tag, colour) of each curve
 PANELS = {
     "train/loss": [("train/loss", "#792ee5")],
-    "tokens/s (all tokens, loss tokens)": [
+    "tokens/s: all (purple), carrying loss (orange)": [
         ("perf/tokens_per_sec", "#792ee5"),
         ("perf/loss_tokens_per_sec", "#ff9d00"),
     ],
-    "peak memory (GB)": [("perf/peak_rss_gb", "#792ee5"), ("perf/peak_cuda_memory_gb", "#ff9d00")],
+    "peak memory, GB (CPU: process RSS; GPU: CUDA allocated)": [
+        ("perf/peak_rss_gb", "#792ee5"),
+        ("perf/peak_cuda_memory_gb", "#ff9d00"),
+    ],
 }
 W, H, PAD = 420, 300, 48
 
