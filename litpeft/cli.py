@@ -58,6 +58,11 @@ class LitPeftCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        # also at the end of the 500 lines of --help (argparse reflows an epilog: one sentence)
+        parser.epilog = (
+            "The model's, the method's and the data's options: --model.help PeftLM, "
+            "--model.method.help LoRA (or another method), --data.help InstructionDataModule."
+        )
         parser.add_optimizer_args((Optimizer,))
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
         parser.set_defaults(

@@ -258,9 +258,11 @@ def test_fit_help_says_how_to_see_the_model_and_method_options(capsys: pytest.Ca
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--help"])
     assert exit_.value.code == 0
-    head = capsys.readouterr().out.splitlines()[:6]
+    lines = capsys.readouterr().out.splitlines()
+    head, tail = lines[:6], " ".join(lines[-4:])
     assert any("litpeft fit --model.method.help LoRA" in line for line in head), head
     assert any("PromptTuning" in line for line in head)
+    assert "--model.method.help LoRA" in tail, tail  # and again after the ~500 lines
     with pytest.raises(SystemExit):
         main(["fit", "--model.method.help", "LoRA"])  # the line it shows works: LoRA's own options
     out = capsys.readouterr().out
