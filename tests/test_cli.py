@@ -267,3 +267,19 @@ def test_fit_help_says_how_to_see_the_model_and_method_options(capsys: pytest.Ca
         main(["fit", "--model.method.help", "LoRA"])  # the line it shows works: LoRA's own options
     out = capsys.readouterr().out
     assert "--method.r R" in out and "--method.use_dora" in out
+
+
+def test_only_an_explicit_demo_trains_on_the_bundled_set() -> None:
+    from litpeft.data import InstructionDataModule
+    from litpeft.data.sources import DEMO_DIR
+    from litpeft.errors import LitPeftError
+
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"]["init_args"]["train_file"]
+    dm = InstructionDataModule(demo)
+    lines = {s: len((DEMO_DIR / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "val")}
+    assert (len(dm.train_samples), len(dm.val_samples)) == (lines["train"], lines["val"])
+    with pytest.raises(LitPeftError, match="data.train_file is not set"):
+        InstructionDataModule()
+    for path in (REPO / "configs").glob("*.yaml"):  # the other shipped configs name no data
+        if path.stem != "demo":
+            assert yaml.safe_load(path.read_text())["data"]["init_args"]["train_file"] is None, path.name
