@@ -6,16 +6,21 @@ litpeft fit --config configs/lora.yaml --print_config   # the full config, runna
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from torch.optim import Optimizer
 
 from litpeft.commands import COMMANDS
@@ -23,9 +28,12 @@ from litpeft.data import InstructionDataModule
 from litpeft.errors import InvalidArgument, LitPeftError, find_cause, parse_error_line
 from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
+from litpeft.monitoring import SpeedMonitor, StepProgressBar, quiet_lightning
 from litpeft.preflight import check_checkpoint, check_config_files, check_fit
 from litpeft.resume import STOPPED_BY_SIGTERM, lock_run, make_resumable, resolve_ckpt_path
 from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
+
+log = logging.getLogger(__name__)
 
 # Tool subcommands outside the Trainer (generate, merge, export, ...): name -> main(argv).
 TOOLS: dict[str, Callable[[list[str]], None]] = {}
@@ -37,6 +45,7 @@ class LitPeftCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        self.argv = list(sys.argv[1:] if args is None else args)  # where an LR came from (choose_lr)
         super().__init__(
             PeftLM,
             InstructionDataModule,
@@ -49,6 +58,11 @@ class LitPeftCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        # also at the end of the 500 lines of --help (argparse reflows an epilog: one sentence)
+        parser.epilog = (
+            "The model's, the method's and the data's options: --model.help PeftLM, "
+            "--model.method.help LoRA (or another method), --data.help InstructionDataModule."
+        )
         parser.add_optimizer_args((Optimizer,))
         parser.add_lr_scheduler_args(LRSchedulerTypeTuple)
         parser.set_defaults(
@@ -56,6 +70,23 @@ class LitPeftCLI(LightningCLI):
             data={"class_path": "litpeft.data.InstructionDataModule"},
             optimizer=DEFAULT_OPTIMIZER,
         )
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            choose_lr(self.config["fit"], self.argv)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # A run you can watch (litpeft.monitoring): speed and memory at each log step, a bar over the
+        # run's steps; each unless the config brings its own.
+        given = [*(config.get("callbacks") or []), *callbacks]
+        if not any(isinstance(c, SpeedMonitor) for c in given):
+            callbacks = [*callbacks, SpeedMonitor()]
+        bar = config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        )
+        if bar and _RICH_AVAILABLE:
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:
@@ -107,6 +138,71 @@ class LitPeftCLI(LightningCLI):
             self.model.lr_scheduler_init = cfg.as_dict() if hasattr(cfg, "as_dict") else cfg
 
 
+def _lr_of(optimizer: Any) -> Any:
+    if not isinstance(optimizer, dict):
+        return None
+    return (optimizer.get("init_args") or {}).get("lr", optimizer.get("lr"))
+
+
+def _method_name(config: dict[str, Any]) -> str | None:
+    """The class name of the method a config file sets (``model.init_args.method``), else None."""
+    model = config.get("model") or {}
+    args = model.get("init_args", model) if isinstance(model, dict) else {}
+    method = args.get("method") if isinstance(args, dict) else None
+    path = method.get("class_path") if isinstance(method, dict) else method
+    return str(path).rsplit(".", 1)[-1] if path else None
+
+
+def lr_source(argv: list[str], method: str) -> tuple[str | None, str | None]:
+    """``(where the user set the learning rate for method, a config file whose LR is another method's)``.
+
+    ``method`` is a class name. The command line counts, and a config file that sets an LR for this
+    method (or names none); one that sets it for another method (``--config configs/lora.yaml
+    --model.method PromptTuning``) sets LoRA's LR, not prompt tuning's.
+    """
+    source = other = None
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        whole = arg in ("--optimizer", "--optimizer.init_args") and "lr" in value
+        if arg.startswith("--optimizer") and ("lr" in arg or whole):
+            return "the command line", None
+        path = (
+            value
+            if arg in ("-c", "--config")
+            else arg.split("=", 1)[1]
+            if arg.startswith("--config=")
+            else None
+        )
+        if path is None or not Path(path).is_file():
+            continue
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(config, dict) and _lr_of(config.get("optimizer")) is not None:
+            named = _method_name(config)
+            source, other = (
+                (path, None) if named in (None, method) else (None, f"the lr in {path} is {named}'s")
+            )
+    return source, other
+
+
+def choose_lr(config: Any, argv: list[str]) -> None:
+    """The fit's learning rate: the user's for this method, else the method's recommended
+    (:attr:`PeftMethod.learning_rate`); the log says which and why."""
+    method = config["model"]["init_args"]["method"]
+    path = method.get("class_path")
+    optimizer = config.get("optimizer")
+    if not path or optimizer is None or "lr" not in (optimizer.get("init_args") or {}):
+        return
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    source, other = lr_source(argv, name)
+    if source is not None:
+        log.info("learning rate %g (set in %s)", optimizer["init_args"]["lr"], source)
+        return
+    optimizer["init_args"]["lr"] = cls.learning_rate
+    why = f"no lr set for {name}" + (f"; {other}" if other else "")
+    log.info("learning rate %g: %s's recommended (%s)", cls.learning_rate, name, why)
+
+
 def _user_error(exc: BaseException) -> str | None:
     """The one line to show for ``exc``: a LitPeftError anywhere in its chain, or a compact parse error."""
     found = find_cause(exc)
@@ -149,13 +245,32 @@ def overview() -> str:
     return "\n".join(lines)
 
 
+def hidden_options() -> str:
+    """What ``litpeft fit --help`` prints first: how to see the options its list cannot show (the model,
+    the method and the data are each chosen by ``class_path``, so their options hide behind ``.help``)."""
+    methods = ", ".join(sorted({cls.__name__ for cls in METHODS.values()}))
+    return "\n".join(
+        [
+            "The model's, the method's and the data's options are not in the list below; to see them:",
+            "  litpeft fit --model.help PeftLM                 model, method, quantize, gradient_checkpointing, ...",
+            "  litpeft fit --model.method.help LoRA            a method's options; methods: " + methods,
+            "  litpeft fit --data.help InstructionDataModule   train_file, prompt_style, max_seq_length, ...",
+            "and set them as --model.method.init_args.r 16, --data.init_args.train_file my.jsonl, ...",
+            "",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in ([], ["-h"], ["--help"]):
         print(overview())
         return
+    if argv[0] in TRAINER_COMMANDS and {"-h", "--help"} & set(argv):
+        print(hidden_options())
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_lightning()
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -82,6 +82,7 @@ class PeftLM(L.LightningModule):
             return
         mesh = data_parallel_mesh(self)  # set only under PeftFSDPStrategy
         self.model = self.build_model() if mesh is None else shard_model(self.build_model, mesh)
+        precision.cast_copies_out_of_ddp(self)
         heap.trim()  # what loading freed (checkpoint buffers, the weights a quantized layer came from)
         self.model.train()  # dropout as in ordinary fine-tuning; load_model returns eval mode
         info = describe(self.model)

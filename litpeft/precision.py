@@ -76,7 +76,7 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     with half the memory and none of the per-step casts. A frozen head tied to the embeddings gets its
     own ``dtype`` copy when the table is fp32 (autocast would otherwise cast the whole vocabulary matrix
     twice a step: the model's own empty head call, then litpeft's at the loss positions; the copy costs no
-    more than the cast that autocast keeps for the backward), and shares the table when that is already
+    more than the cast that autocast keeps for the backward; it is a buffer, not a parameter), and shares the table when that is already
     in ``dtype`` (:func:`store_frozen_embeddings`). Norms, all trainable tensors and the layers a PEFT
     layer reads in fp32 (:meth:`PeftLayer.fp32_base_layers`) keep fp32. Outside autocast, hooks run such
     a layer in ``dtype`` and return its output in the input's dtype, so the model still runs as before
@@ -90,7 +90,10 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     for module in layers:
         weight = module.weight
         if weight is tied and weight.dtype != dtype:
-            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+            # a cast cache, not a parameter: no second count of the table (the model summary's "167 M"
+            # for a 135M model); a buffer still moves with the model and is in the state dict as before
+            del module.weight
+            module.register_buffer("weight", weight.detach().to(dtype))
         else:
             module.weight.data = weight.data.to(dtype)
         if module.bias is not None and not module.bias.requires_grad:
@@ -99,6 +102,20 @@ def store_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
         module.register_forward_pre_hook(_outside_autocast_in)
         module.register_forward_hook(_outside_autocast_out)
     return len(layers)
+
+
+def cast_copies_out_of_ddp(root: torch.nn.Module) -> None:
+    """DDP broadcasts every buffer from rank 0 at each forward: not the head's cast copy (a constant that
+    each rank makes from its own table, :func:`store_frozen_linears`), as when it was a frozen parameter."""
+    names = {
+        f"{n}.weight"
+        for n, m in root.named_modules()
+        if getattr(m, "_litpeft_stored", False) and "weight" in m._buffers
+    }
+    if names:
+        root._ddp_params_and_buffers_to_ignore = sorted(
+            {*getattr(root, "_ddp_params_and_buffers_to_ignore", ()), *names}
+        )
 
 
 def store_frozen_base(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -98,6 +98,8 @@ def test_user_subclass_by_class_path(tmp_path: Path, word_data: Path) -> None:
         (["--optimizer.init_args.lr", "-1"], "optimizer.init_args.lr: -1.0 is not allowed"),
         # one line, but after lightning_logs/version_0/config.yaml was written
         (["--model.method.init_args.target_modules", "[nope]"], "model.method.init_args.target_modules"),
+        # trained on the bundled date task without a word before
+        (["--data.train_file", "null"], "data.train_file is not set"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_writes_nothing(
@@ -164,3 +166,120 @@ def test_fit_writes_the_adapter_where_the_checks_passed(tmp_path: Path, word_dat
     adapter = tmp_path / "runs" / "lightning_logs" / "version_0" / "adapter" / "adapter.safetensors"
     layers = {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in load_file(str(adapter))}
     assert layers == {"q_proj"}
+
+
+def test_a_step_bounded_run_you_can_watch(tmp_path: Path, word_data: Path) -> None:
+    """The real command on a tiny model: a quiet console (no Lightning tips), a bar over the run's steps
+    (not "Epoch 0/-2"), a model summary that counts each tensor once under bf16-mixed (the tied head's
+    bf16 copy is no parameter), TensorBoard by default with speed and memory at each log step, and the
+    method's own LR when the config's is another method's."""
+    from lightning.pytorch.utilities.model_summary import get_human_readable_count
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from litpeft.models import load_model
+
+    result = run_cli(
+        "fit",
+        "--config",
+        str(_tiny_config(tmp_path, word_data)),
+        "--model.method",
+        "PromptTuning",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--trainer.max_epochs",
+        "null",
+        "--trainer.max_steps",
+        "8",
+        "--trainer.log_every_n_steps",
+        "2",
+        "--trainer.enable_progress_bar",
+        "true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    assert "Tip" not in console and "litlogger" not in console and "Epoch" not in console
+    assert "step" in console and "8/8" in console, console[-2000:]
+    assert "learning rate 0.03: PromptTuning's recommended" in console
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert yaml.safe_load((run / "config.yaml").read_text())["optimizer"]["init_args"]["lr"] == 0.03
+    base = load_model("tiny:llama")
+    assert base.config.tie_word_embeddings  # the case that used to count the head twice
+    adapter = load_file(str(run / "adapter" / "adapter.safetensors"))
+    total = sum(p.numel() for p in base.parameters()) + sum(t.numel() for t in adapter.values())
+    assert f"Total params: {get_human_readable_count(total)}" in console
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "perf/tokens_per_sec", "perf/loss_tokens_per_sec", "perf/peak_rss_gb"} <= scalars
+    assert [e.step for e in events.Scalars("perf/tokens_per_sec")] == [1, 3, 5, 7]
+    assert "perf/mfu" not in scalars  # no peak FLOPs known for a CPU: no made-up MFU
+
+
+def test_lr_source(tmp_path: Path) -> None:
+    from litpeft.cli import lr_source
+
+    lora = str(REPO / "configs" / "lora.yaml")
+    assert lr_source(["fit", "--config", lora], "LoRA") == (lora, None)
+    assert lr_source(["fit", "--config", lora, "--model.method", "PromptTuning"], "PromptTuning") == (
+        None,
+        f"the lr in {lora} is LoRA's",
+    )
+    assert lr_source(["fit", f"--config={lora}", "--optimizer.init_args.lr", "0.1"], "PromptTuning") == (
+        "the command line",
+        None,
+    )
+    assert lr_source(["fit", "--optimizer.lr=0.1"], "LoRA") == ("the command line", None)
+    assert lr_source(["fit", "--model.method", "LoRA"], "LoRA") == (None, None)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"optimizer": {"init_args": {"lr": 0.1}}}))  # names no method: the user's
+    assert lr_source(["fit", "-c", str(mine), "--model.method", "PromptTuning"], "PromptTuning") == (
+        str(mine),
+        None,
+    )
+
+
+def test_recommended_lrs_are_the_shipped_configs(tmp_path: Path) -> None:
+    from litpeft.methods import METHODS
+
+    for path in (REPO / "configs").glob("*.yaml"):
+        config = yaml.safe_load(path.read_text())
+        name = config["model"]["init_args"]["method"]["class_path"].rsplit(".", 1)[-1]
+        cls = next(c for c in METHODS.values() if c.__name__ == name)
+        if path.stem in ("demo",):  # the demo's LR is tuned for its own short run
+            continue
+        assert cls.learning_rate == config["optimizer"]["init_args"]["lr"], path.name
+
+
+def test_fit_help_says_how_to_see_the_model_and_method_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from litpeft.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    head, tail = lines[:6], " ".join(lines[-4:])
+    assert any("litpeft fit --model.method.help LoRA" in line for line in head), head
+    assert any("PromptTuning" in line for line in head)
+    assert "--model.method.help LoRA" in tail, tail  # and again after the ~500 lines
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.method.help", "LoRA"])  # the line it shows works: LoRA's own options
+    out = capsys.readouterr().out
+    assert "--method.r R" in out and "--method.use_dora" in out
+
+
+def test_only_an_explicit_demo_trains_on_the_bundled_set() -> None:
+    from litpeft.data import InstructionDataModule
+    from litpeft.data.sources import DEMO_DIR
+    from litpeft.errors import LitPeftError
+
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["data"]["init_args"]["train_file"]
+    dm = InstructionDataModule(demo)
+    lines = {s: len((DEMO_DIR / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "val")}
+    assert (len(dm.train_samples), len(dm.val_samples)) == (lines["train"], lines["val"])
+    with pytest.raises(LitPeftError, match="data.train_file is not set"):
+        InstructionDataModule()
+    for path in (REPO / "configs").glob("*.yaml"):  # the other shipped configs name no data
+        if path.stem != "demo":
+            assert yaml.safe_load(path.read_text())["data"]["init_args"]["train_file"] is None, path.name

@@ -187,7 +187,10 @@ def test_shipped_configs_parse_and_build_their_strategy(config: str) -> None:
 
     path = Path(__file__).parents[1] / "configs" / f"{config}.yaml"
     cli = LitPeftCLI(
-        args=["--config", str(path), "--model.init_args.model", "tiny:llama", "--trainer.accelerator", "cpu"],
+        args=[
+            *("--config", str(path), "--model.init_args.model", "tiny:llama", "--trainer.accelerator", "cpu"),
+            *("--data.init_args.train_file", "demo"),  # the shipped configs name no data file
+        ],
         run=False,
     )
     assert cli.model.quantize == (None if config == "fsdp" else "nf4")

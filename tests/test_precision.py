@@ -82,7 +82,11 @@ def test_bf16_mixed_frozen_linears_in_bf16_give_the_same_loss_and_gradients(arch
         with torch.no_grad():
             for p in module.trainable_parameters():
                 p.normal_(std=0.05, generator=g.manual_seed(1))
-        stored = [(n, p) for n, p in module.model.named_parameters() if p.dtype == torch.bfloat16]
+        tensors = [
+            *module.model.named_parameters(),
+            *module.model.named_buffers(),
+        ]  # a tied head's copy: a buffer
+        stored = [(n, p) for n, p in tensors if p.dtype == torch.bfloat16]
         names = {n for n, _ in stored}
         if not store:
             assert not names
@@ -96,6 +100,8 @@ def test_bf16_mixed_frozen_linears_in_bf16_give_the_same_loss_and_gradients(arch
         if store and module.model.config.tie_word_embeddings:  # the head's own bf16 copy of the table
             assert head.weight.dtype == torch.bfloat16
             torch.testing.assert_close(head.weight, embedding.weight.bfloat16(), rtol=0, atol=0)
+            # not a second parameter: a model summary counts the table once
+            assert all(p is not head.weight for p in module.parameters())
         results.append(_loss_and_grads(module, batch))
         if store:
             assert store_frozen_linears(module.model, torch.bfloat16) == 0  # nothing left in fp32 to store

@@ -30,6 +30,9 @@ from litpeft.errors import LitPeftError
 
 log = logging.getLogger(__name__)
 
+#: ``train_file: demo``: the bundled date-normalization set (litpeft/data/demo/*.jsonl, ``make demo``'s).
+DEMO = "demo"
+
 
 class ResumableSampler(DistributedSampler):
     """Shuffles with ``seed + epoch`` and shards across ranks; a resumed run continues mid-epoch.
@@ -96,8 +99,9 @@ class InstructionDataModule(L.LightningDataModule):
     Args:
         train_file: a data file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``, ``.tsv``, ``.arrow``), a
             directory of such files, a ``datasets`` ``save_to_disk`` directory, or a hub dataset
-            ``hub://org/name[@revision][/path/in/repo]`` (downloaded on first use). Default: the bundled
-            demo set.
+            ``hub://org/name[@revision][/path/in/repo]`` (downloaded on first use), or ``demo``: the bundled
+            date-normalization task (``configs/demo.yaml``; its own held-out split unless ``val_file``).
+            Required: no file is a one-line error, not a silent demo run.
         val_file: a separate validation file (same kinds). Without one, ``val_fraction`` of the training
             rows (chosen with ``seed``) are held out.
         val_fraction: share of training rows held out when there is no ``val_file``.
@@ -153,6 +157,11 @@ class InstructionDataModule(L.LightningDataModule):
         if packing and group_by_length:
             raise LitPeftError("data.packing and data.group_by_length exclude each other; choose one")
         if train_file is None:
+            raise LitPeftError(
+                "data.train_file is not set: give your data (--data.train_file my_data.jsonl), "
+                f"or '{DEMO}' for the bundled demo task"
+            )
+        if train_file == DEMO:
             train_file = str(DEMO_DIR / "train.jsonl")
             val_file = val_file or str(DEMO_DIR / "val.jsonl")
         self.train_file, self.val_file, self.val_fraction = train_file, val_file, val_fraction

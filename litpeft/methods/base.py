@@ -77,6 +77,8 @@ class PeftMethod:
     """
 
     name: ClassVar[str] = ""
+    #: AdamW's LR when the user sets none (``litpeft fit``; the method's configs/<method>.yaml value).
+    learning_rate: ClassVar[float] = 2e-4
     # -- declared capabilities (as peft's), checked by ``litpeft merge/export`` before a model is loaded ---
     #: Whether :meth:`merge` folds the method into the base weights.
     mergeable: ClassVar[bool] = False

@@ -99,6 +99,7 @@ class HoulsbyAdapter(PeftMethod):
     """
 
     name = "houlsby"
+    learning_rate = 5e-4  # configs/adapter.yaml
     not_mergeable_reason = (
         "Houlsby/Pfeiffer adapters cannot be merged into the base weights: the bottleneck has a "
         "nonlinearity, so it is no linear map to fold in; keep the adapter directory"

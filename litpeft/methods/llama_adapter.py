@@ -153,6 +153,7 @@ class LlamaAdapter(PeftMethod):
     """
 
     name = "llama_adapter"
+    learning_rate = 9e-3  # configs/llama_adapter.yaml
     exportable_to_peft = True  # for Llama/Mistral with one gate per layer: to_peft checks the model
 
     def __init__(
@@ -281,6 +282,7 @@ class LlamaAdapterV2(LlamaAdapter):
     """
 
     name = "llama_adapter_v2"
+    learning_rate = 9e-3  # configs/llama_adapter_v2.yaml
     mergeable = True
     exportable_to_peft = False
     not_exportable_reason = (

@@ -216,6 +216,7 @@ class LoRA(PeftMethod):
     """
 
     name = "lora"
+    learning_rate = 2e-4  # configs/lora.yaml
     mergeable = True
     exportable_to_peft = True
 

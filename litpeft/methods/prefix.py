@@ -201,6 +201,7 @@ class PrefixTuning(PeftMethod):
     """
 
     name = "prefix_tuning"
+    learning_rate = 5e-4  # configs/prefix_tuning.yaml
     exportable_to_peft = True
 
     def __init__(
@@ -358,6 +359,7 @@ class PTuningV2(PrefixTuning):
     """
 
     name = "p_tuning_v2"
+    learning_rate = 5e-4  # configs/p_tuning_v2.yaml
 
     def __init__(
         self,

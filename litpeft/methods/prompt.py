@@ -79,6 +79,7 @@ class PromptTuning(PeftMethod):
     """
 
     name = "prompt_tuning"
+    learning_rate = 3e-2  # configs/prompt_tuning.yaml: soft prompts want a much larger LR
     exportable_to_peft = True
     not_mergeable_reason = (
         "prompt tuning cannot be merged into the base weights: its virtual tokens are extra inputs"
@@ -178,6 +179,7 @@ class PTuning(PeftMethod):
     """
 
     name = "p_tuning"
+    learning_rate = 1e-3  # configs/p_tuning.yaml
     exportable_to_peft = True  # with placement: prefix (peft_refusal)
     not_mergeable_reason = (
         "P-tuning cannot be merged into the base weights: its virtual tokens are extra inputs"
