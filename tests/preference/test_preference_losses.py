@@ -16,14 +16,11 @@ import torch
 from datasets import Dataset
 from preference_helpers import PAIRS, batch, grads, policy, trl_rows
 from torch.testing import assert_close
+from trl import DPOConfig, DPOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from litpeft.models import load_model
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from trl import DPOConfig, DPOTrainer
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 N = len(PAIRS)
 
