@@ -29,12 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 from litpeft.data.collate import encode_many, pad_batch
 from litpeft.data.datamodule import InstructionDataModule, ResumableSampler
 from litpeft.data.prompts import Message, PromptStyle, bos_ids, style_name
-from litpeft.data.sources import BadRow, Chat, DataSource, text_field
+from litpeft.data.sources import DEMO_DIR, BadRow, Chat, DataSource, text_field
 from litpeft.errors import LitPeftError
 from litpeft.loss import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
+#: the bundled demo pairs (``scripts/make_preference_data.py``): a date in ISO form preferred over another form
+DEMO_TRAIN, DEMO_VAL = DEMO_DIR / "preference_train.jsonl", DEMO_DIR / "preference_val.jsonl"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
@@ -147,7 +149,7 @@ class PreferenceDataModule(InstructionDataModule):
 
     Args:
         train_file: the pairs: a file, a directory, a saved dataset or ``hub://org/name`` (as for
-            :class:`~litpeft.data.InstructionDataModule`).
+            :class:`~litpeft.data.InstructionDataModule`). Default: the bundled demo pairs.
         val_file, val_fraction, prompt_style, num_workers, seed, skip_bad_rows, pin_memory: as there.
         max_seq_length: the longest chosen or rejected sample in tokens. A longer one keeps its prompt
             whole and has its answer cut (``truncation: truncate``); a pair whose prompt alone reaches it
@@ -160,7 +162,7 @@ class PreferenceDataModule(InstructionDataModule):
 
     def __init__(
         self,
-        train_file: str,
+        train_file: str | None = None,
         val_file: str | None = None,
         val_fraction: float = 0.1,
         prompt_style: str | PromptStyle = "auto",
@@ -174,6 +176,8 @@ class PreferenceDataModule(InstructionDataModule):
         skip_bad_rows: bool = False,
         pin_memory: bool | None = None,
     ) -> None:
+        if train_file is None:
+            train_file, val_file = str(DEMO_TRAIN), val_file or str(DEMO_VAL)
         super().__init__(
             train_file=train_file,
             val_file=val_file,

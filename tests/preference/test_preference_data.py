@@ -3,19 +3,28 @@ that keeps the prompt, and hub datasets through the same source layer as instruc
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from adapter_helpers import write_jsonl
+from adapter_helpers import REPO, write_jsonl
 from hub_server import HubServer, Repo
 from test_hub import point_hub_at
 
 from litpeft.errors import LitPeftError
 from litpeft.loss import IGNORE_INDEX
 from litpeft.models import tiny_tokenizer
-from litpeft.preference.data import PreferenceDataModule, PreferencePair, PreferenceSource
+from litpeft.preference.data import (
+    DEMO_TRAIN,
+    DEMO_VAL,
+    PreferenceDataModule,
+    PreferencePair,
+    PreferenceSource,
+)
 
 
 def user(text: str) -> dict:
@@ -171,3 +180,32 @@ def test_hub_datasets_are_read_through_the_same_source_layer(
         server.stop()
     assert loaded.samples == [EXPECTED, EXPECTED]
     assert loaded.locations[1].endswith("data/train_prefs.jsonl:2")
+
+
+def test_bundled_demo_pairs_regenerate_identically_and_differ_only_in_format(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_preference_data.py"), "--out", str(tmp_path)],
+        check=True,
+    )
+    splits = {}
+    for path in (DEMO_TRAIN, DEMO_VAL):
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+        splits[path] = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in splits[DEMO_TRAIN] + splits[DEMO_VAL]:
+        date = dt.date.fromisoformat(row["chosen"])
+        assert row["rejected"] != row["chosen"]
+        same = [
+            d for f in ("%m/%d/%Y", "%d.%m.%Y", "%d/%m/%Y", "%m/%d/%y") if (d := _parse(row["rejected"], f))
+        ]
+        assert any((d.month, d.day, d.year % 100) == (date.month, date.day, date.year % 100) for d in same), (
+            row
+        )
+    dates = [{r["chosen"] for r in splits[p]} for p in (DEMO_TRAIN, DEMO_VAL)]
+    assert not dates[0] & dates[1]
+
+
+def _parse(text: str, fmt: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(text, fmt)
+    except ValueError:
+        return None
