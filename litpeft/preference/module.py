@@ -112,14 +112,22 @@ class PreferenceLM(PeftLM):
                 f"'{meta_cfg.get('base_model')}', not on '{self.model_spec}'"
             )
         self.method.load_adapter_state_dict(model, read_adapter_weights(self.init_adapter))
-        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not trainable:
+        if not any(p.requires_grad for p in model.parameters()):
             raise LitPeftError(
                 f"model.init_args.init_adapter: method '{self.method.name}' leaves nothing to train after "
                 "loading an adapter; start this method from scratch"
             )
-        self.reference_tensors = {n: p.detach().clone() for n, p in trainable.items()}
         return model
+
+    def configure_model(self) -> None:
+        """:meth:`PeftLM.configure_model`; with ``init_adapter``, the frozen copy of its tensors is taken
+        here, after FSDP sharded them (each rank copies its shards) and before a checkpoint is restored."""
+        fresh = self.model is None
+        super().configure_model()
+        if fresh and self.init_adapter is not None:
+            self.reference_tensors = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
 
     @contextlib.contextmanager
     def reference_policy(self) -> Iterator[None]:

@@ -93,7 +93,7 @@ class _Logged(L.Callback):
         self.keys |= set(trainer.callback_metrics)
 
 
-def test_a_fit_logs_loss_rewards_margin_accuracy_and_the_orpo_log_odds(tmp_path: Path) -> None:
+def test_a_bf16_fit_logs_loss_rewards_margin_accuracy_and_the_orpo_log_odds(tmp_path: Path) -> None:
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS * 2]
     path = tmp_path / "pairs.jsonl"
     write_jsonl(path, rows)
@@ -102,6 +102,7 @@ def test_a_fit_logs_loss_rewards_margin_accuracy_and_the_orpo_log_odds(tmp_path:
     logged = _Logged()
     trainer = L.Trainer(
         accelerator="cpu",
+        precision="bf16-mixed",
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
@@ -121,6 +122,7 @@ def test_a_fit_logs_loss_rewards_margin_accuracy_and_the_orpo_log_odds(tmp_path:
     ]:
         assert f"train/{key}" in logged.keys, key
     assert {"val/loss", "val/rewards/accuracy"} <= set(trainer.callback_metrics)
+    assert all(bool(torch.isfinite(v).all()) for v in trainer.callback_metrics.values())
     assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
 
 
