@@ -11,7 +11,7 @@ another numeric form. The script
 4. prints a table and writes ``<out>/summary.json`` (the reward accuracy and margin on the held-out pairs
    at each validation, the format shares before and after, the wall time).
 
-    python scripts/preference_demo.py                 # about 5 minutes on a 2-core CPU
+    python scripts/preference_demo.py                 # 135 s on an idle 2-core CPU (docs/preference.md)
     python scripts/preference_demo.py --max-steps 20  # a quicker look
 """
 
