@@ -47,6 +47,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama_adapter": ("llama_adapter", {}),
     "llama_adapter_v2": ("llama_adapter_v2", {}),
     "houlsby": ("adapter", {}),
+    "ia3": ("ia3", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -112,6 +113,14 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
         if args["prefix_projection"] and args.get("encoder_hidden_size"):
             kw["encoder_hidden_size"] = args["encoder_hidden_size"]
         return "PrefixTuningConfig", kw
+    if method == "ia3":
+        from litpeft.methods import IA3
+
+        resolved = IA3(**args)  # null targets: litpeft's defaults, named explicitly for peft
+        return "IA3Config", {
+            "target_modules": resolved.targets(),
+            "feedforward_modules": resolved.feedforward(),
+        }
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
             "adapter_len": args["adapter_len"],

@@ -7,6 +7,7 @@ Shared mechanisms: ``base`` (the interface), ``layout`` (where things are in a m
 
 from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabled, method_from_config
 from litpeft.methods.bottleneck import HoulsbyAdapter
+from litpeft.methods.ia3 import IA3, IA3Linear
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
@@ -19,6 +20,8 @@ __all__ = [
     "LoRA",
     "LoRALinear",
     "HoulsbyAdapter",
+    "IA3",
+    "IA3Linear",
     "PromptTuning",
     "PTuning",
     "PeftLayer",
