@@ -48,6 +48,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama_adapter_v2": ("llama_adapter_v2", {}),
     "houlsby": ("adapter", {}),
     "ia3": ("ia3", {}),
+    "ln_tuning": ("ln_tuning", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -121,6 +122,12 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
             "target_modules": resolved.targets(),
             "feedforward_modules": resolved.feedforward(),
         }
+    if method == "ln_tuning":
+        if args["target_modules"] is None:  # litpeft's default, every norm: SmolLM2's (Llama) by name
+            return "LNTuningConfig", {
+                "target_modules": ["input_layernorm", "post_attention_layernorm", "norm"]
+            }
+        return "LNTuningConfig", {"target_modules": args["target_modules"]}
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
             "adapter_len": args["adapter_len"],

@@ -30,6 +30,7 @@ PEFT_HAS = {
     "p_tuning_v2",
     "llama_adapter",
     "ia3",
+    "ln_tuning",
 }
 
 

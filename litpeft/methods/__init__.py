@@ -9,6 +9,7 @@ from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabl
 from litpeft.methods.bottleneck import HoulsbyAdapter
 from litpeft.methods.ia3 import IA3, IA3Linear
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
+from litpeft.methods.ln_tuning import LNTuning
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
 from litpeft.methods.prompt import PromptTuning, PTuning
@@ -17,6 +18,7 @@ __all__ = [
     "METHODS",
     "LlamaAdapter",
     "LlamaAdapterV2",
+    "LNTuning",
     "LoRA",
     "LoRALinear",
     "HoulsbyAdapter",
