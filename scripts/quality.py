@@ -49,6 +49,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "houlsby": ("adapter", {}),
     "ia3": ("ia3", {}),
     "ln_tuning": ("ln_tuning", {}),
+    "bitfit": ("bitfit", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 

@@ -6,6 +6,7 @@ Shared mechanisms: ``base`` (the interface), ``layout`` (where things are in a m
 """
 
 from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabled, method_from_config
+from litpeft.methods.bitfit import BitFit
 from litpeft.methods.bottleneck import HoulsbyAdapter
 from litpeft.methods.ia3 import IA3, IA3Linear
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
@@ -16,6 +17,7 @@ from litpeft.methods.prompt import PromptTuning, PTuning
 
 __all__ = [
     "METHODS",
+    "BitFit",
     "LlamaAdapter",
     "LlamaAdapterV2",
     "LNTuning",

@@ -63,6 +63,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama_adapter_v2": ("llama_adapter_v2", {"adapter_layers": 2}),
     "ia3": ("ia3", {}),
     "ln_tuning": ("ln_tuning", {}),
+    "bitfit": ("bitfit", {}),
 }
 FAMILIES = (
     "llama",
