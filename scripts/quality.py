@@ -50,6 +50,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ia3": ("ia3", {}),
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
+    "vera": ("vera", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -129,6 +130,14 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
                 "target_modules": ["input_layernorm", "post_attention_layernorm", "norm"]
             }
         return "LNTuningConfig", {"target_modules": args["target_modules"]}
+    if method == "vera":
+        return "VeraConfig", {
+            "r": args["r"],
+            "target_modules": args["target_modules"],
+            "projection_prng_key": args["projection_prng_key"],
+            "vera_dropout": args["dropout"],
+            "d_initial": args["d_initial"],
+        }
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
             "adapter_len": args["adapter_len"],

@@ -31,6 +31,7 @@ PEFT_HAS = {
     "llama_adapter",
     "ia3",
     "ln_tuning",
+    "vera",
 }
 
 

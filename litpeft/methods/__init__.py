@@ -14,6 +14,7 @@ from litpeft.methods.ln_tuning import LNTuning
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
 from litpeft.methods.prompt import PromptTuning, PTuning
+from litpeft.methods.vera import VeRA, VeRALinear
 
 __all__ = [
     "METHODS",
@@ -32,6 +33,8 @@ __all__ = [
     "PeftMethod",
     "PrefixTuning",
     "PTuningV2",
+    "VeRA",
+    "VeRALinear",
     "adapters_disabled",
     "method_from_config",
 ]

@@ -64,6 +64,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ia3": ("ia3", {}),
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
+    "vera": ("vera", {}),
 }
 FAMILIES = (
     "llama",
