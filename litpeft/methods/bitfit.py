@@ -24,8 +24,10 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.base import PeftLayer, PeftMethod, check_target_modules, find_targets, replace_module
+from litpeft.methods.ia3 import in_out_features, layer_device
 from litpeft.methods.layout import is_norm
 from litpeft.methods.llama_adapter import _fit_config_to_biases
+from litpeft.quantize import plain_layer
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -44,9 +46,12 @@ class BiasDelta(nn.Module, PeftLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        w = base_layer.weight
-        out = base_layer.nf if isinstance(base_layer, Conv1D) else w.shape[0]
-        self.bias_delta = nn.Parameter(torch.zeros(out, device=w.device, dtype=torch.float32))
+        if isinstance(base_layer, (nn.Linear, Conv1D)):
+            out = in_out_features(base_layer)[1]
+        else:  # a norm: its bias's size
+            out = base_layer.bias.shape[-1]
+        f = {"device": layer_device(base_layer), "dtype": torch.float32}
+        self.bias_delta = nn.Parameter(torch.zeros(out, **f))
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         out = self.base_layer(*args, **kwargs)
@@ -56,9 +61,11 @@ class BiasDelta(nn.Module, PeftLayer):
     def merged(self) -> nn.Module:
         """The base layer with ``b + d`` as its bias (in the bias's dtype; a new bias: the weight's)."""
         base = self.base_layer
+        if isinstance(base, nn.Linear) and type(base) is not nn.Linear:  # quantized: a plain layer
+            bias = self.bias_delta if base.bias is None else base.bias.float() + self.bias_delta
+            return plain_layer(base, base.weight, bias)
         if base.bias is None:
-            dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
-            base.bias = nn.Parameter(self.bias_delta.detach().to(dtype), requires_grad=False)
+            base.bias = nn.Parameter(self.bias_delta.detach().to(base.weight.dtype), requires_grad=False)
         else:
             base.bias.copy_((base.bias.float() + self.bias_delta).to(base.bias.dtype))
         return base

@@ -58,16 +58,27 @@ def out_in_weight(layer: nn.Module) -> torch.Tensor:
     return w.T if isinstance(layer, Conv1D) else w
 
 
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    """A linear layer's ``(in, out)`` sizes without touching a quantized weight."""
+    if isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    return next(layer.parameters()).device
+
+
 class IA3Linear(nn.Module, PeftLayer):
     """``l * base_layer(x)``, or ``base_layer(l * x)`` for a feed-forward layer; ``l`` is ``ia3_l``."""
 
     def __init__(self, base_layer: nn.Module, feedforward: bool) -> None:
         super().__init__()
         self.base_layer, self.feedforward = base_layer, feedforward
-        out_features, in_features = out_in_weight(base_layer).shape
+        in_features, out_features = in_out_features(base_layer)
         shape = (1, in_features) if feedforward else (out_features, 1)
         # fp32 whatever the base's dtype (master weights; the forward casts back, as peft's layer does)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device, dtype=torch.float32))
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=layer_device(base_layer), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:

@@ -36,17 +36,11 @@ from litpeft.methods.base import (
     peft_target_names,
     replace_module,
 )
-from litpeft.methods.ia3 import out_in_weight
+from litpeft.methods.ia3 import in_out_features, layer_device, out_in_weight
 from litpeft.methods.layout import attach, attached, detach
 from litpeft.quantize import plain_layer
 
 SLOT = "vera_projections"  # the shared A and B, hung on the model (non-persistent buffers)
-
-
-def _in_out(layer: nn.Module) -> tuple[int, int]:
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    return layer.in_features, layer.out_features
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -75,9 +69,9 @@ class VeRALinear(nn.Module, PeftLayer):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = _in_out(base_layer)
+        self.in_features, self.out_features = in_out_features(base_layer)
         self.__dict__["projections"] = projections  # a reference, not a child: the model holds it once
-        f = {"device": base_layer.weight.device, "dtype": torch.float32}
+        f = {"device": layer_device(base_layer), "dtype": torch.float32}
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.out_features, **f))
         self.vera_lambda_d = nn.Parameter(torch.full((r,), float(d_initial), **f))
         self.vera_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -154,9 +148,9 @@ class VeRA(PeftMethod):
     def inject(self, model: PreTrainedModel) -> None:
         names = find_targets(model, self.target_modules, (nn.Linear, Conv1D))
         layers = [model.get_submodule(n) for n in names]
-        max_in = max(_in_out(m)[0] for m in layers)
-        max_out = max(_in_out(m)[1] for m in layers)
-        device = layers[0].weight.device
+        max_in = max(in_out_features(m)[0] for m in layers)
+        max_out = max(in_out_features(m)[1] for m in layers)
+        device = layer_device(layers[0])
         projections = attach(
             model, SLOT, VeRAProjections(self.r, max_in, max_out, self.projection_prng_key, device)
         )

@@ -136,3 +136,23 @@ def test_config_errors_are_one_line() -> None:
         IA3(target_modules=["nope"]).apply(load_model("tiny:llama"))
     method = IA3(target_modules=["v_proj"], feedforward_modules=[])
     assert method_from_config(method.config()).config() == method.config()
+
+
+def test_merge_of_an_adapter_trained_on_an_nf4_base(tmp_path) -> None:
+    """``litpeft merge`` of an adapter trained on a quantized GPT-2: the adapted layers and the ones
+    (IA)^3 left alone (attn.c_proj, mlp.c_fc) come back as plain Conv1D layers that ``from_pretrained``
+    loads, with the logits of the quantized model + adapter."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from litpeft.commands import merge as merge_command
+
+    adapter = make_adapter(tmp_path / "adapter", "tiny:gpt2", IA3(), quantize="nf4")
+    merge_command(str(adapter), str(tmp_path / "merged"))
+    ours, _, _, _ = load_adapter(adapter)
+    merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    block = merged.transformer.h[0]
+    assert all(isinstance(m, Conv1D) for m in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc))
+    x = token_ids()
+    torch.testing.assert_close(logits(merged.eval(), x), logits(ours, x), atol=1e-4, rtol=1e-4)
