@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from litpeft.errors import LitPeftError
 from litpeft.files import atomic_path, check_writable
 from litpeft.methods import PeftLayer, PeftMethod
-from litpeft.methods.base import refuse
+from litpeft.methods.base import refuse, replace_module
+from litpeft.quantize import QuantizedLinear, plain_layer
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # What litpeft writes into an output directory: ``--overwrite`` replaces only a directory of these, so it
@@ -57,11 +58,16 @@ def check_exportable(method: PeftMethod) -> None:
 def merge(model: PreTrainedModel, method: PeftMethod) -> PreTrainedModel:
     """``method.merge(model)``, checked: no method layer is left and the weights are the architecture's own.
 
+    On a quantized base, the layers the method did not adapt are written dequantized as well.
+
     The second check is what makes the result loadable by ``AutoModelForCausalLM`` without missing or
     unexpected keys: the state dict must have exactly the keys of a fresh model built from its config.
     """
     check_mergeable(method)
     merged = method.merge(model)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, QuantizedLinear):  # a quantized layer the method left alone: dequantized
+            replace_module(merged, name, plain_layer(module, module.weight, module.bias))
     left = sorted({type(m).__name__ for m in merged.modules() if isinstance(m, PeftLayer)})
     if left:
         raise LitPeftError(f"merging '{method.name}' left method layers in the model: {', '.join(left)}")

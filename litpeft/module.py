@@ -17,10 +17,12 @@ from transformers import PreTrainedModel
 from litpeft import heap, precision
 from litpeft.adapter_dir import save_adapter
 from litpeft.distributed import data_parallel_mesh, full_adapter, shard_model
+from litpeft.errors import check
 from litpeft.loading import storage_dtypes
 from litpeft.loss import answer_logits, token_loss
 from litpeft.methods import LoRA, PeftMethod
 from litpeft.methods.attention import CPU_SDPA
+from litpeft.methods.lora import loraplus_param_groups
 from litpeft.models import checkpoint_dtype, describe, load_model, load_tokenizer, stored_quantization
 from litpeft.quantize import QuantMode, check_mode, check_stored_mode, quantize_model
 from litpeft.rng_state import TrainingRNG
@@ -47,6 +49,9 @@ class PeftLM(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         trust_remote_code: allow code from the model directory to run (off by default).
         adapter_dir: where ``fit`` writes the final adapter; default ``<log_dir>/adapter``.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024, arXiv 2402.12354): train LoRA's ``B`` matrices (and
+            DoRA's magnitudes, trained biases) with this many times the optimizer's LR, ``A`` with the LR
+            itself (any LoRA variant; see :func:`litpeft.methods.lora.loraplus_param_groups`).
     """
 
     def __init__(
@@ -57,12 +62,21 @@ class PeftLM(L.LightningModule):
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         adapter_dir: str | None = None,
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         super().__init__()
         check_mode(quantize)
+        check(
+            loraplus_lr_ratio is None or (isinstance(method, LoRA) and loraplus_lr_ratio > 0),
+            "model.loraplus_lr_ratio",
+            loraplus_lr_ratio,
+            f"LoRA+ sets the LR of LoRA's B matrices: a positive ratio with a LoRA method, not '{method.name}'"
+            if not isinstance(method, LoRA)
+            else "a positive ratio (the paper: 2 to 2^4 and more)",
+        )
         self.model_spec, self.method, self.quantize = model, method, quantize
         self.gradient_checkpointing, self.trust_remote_code = gradient_checkpointing, trust_remote_code
-        self.adapter_dir = adapter_dir
+        self.adapter_dir, self.loraplus_lr_ratio = adapter_dir, loraplus_lr_ratio
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         # a checkpoint stored quantized by bitsandbytes is that quantized base (model.quantize null or equal)
         self.quantize = check_stored_mode(quantize, stored_quantization(model, trust_remote_code))
@@ -284,8 +298,16 @@ class PeftLM(L.LightningModule):
 
     # -- optimization -------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        """Optimizer over the trainable tensors only; the scheduler (if any) steps every optimizer step."""
-        optimizer = instantiate_class(self.trainable_parameters(), self.optimizer_init)
+        """Optimizer over the trainable tensors only; the scheduler (if any) steps every optimizer step.
+
+        A parameter group with an ``lr_ratio`` (LoRA+'s ``B`` group) gets the optimizer's LR times it.
+        """
+        params: Any = self.trainable_parameters()
+        if self.loraplus_lr_ratio is not None:
+            params = loraplus_param_groups(self.model, self.loraplus_lr_ratio)
+        optimizer = instantiate_class(params, self.optimizer_init)
+        for group in optimizer.param_groups:
+            group["lr"] *= group.get("lr_ratio", 1.0)
         if not self.lr_scheduler_init:
             return optimizer
         scheduler = build_lr_scheduler(optimizer, self.lr_scheduler_init, self.trainer)

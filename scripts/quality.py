@@ -47,6 +47,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama_adapter": ("llama_adapter", {}),
     "llama_adapter_v2": ("llama_adapter_v2", {}),
     "houlsby": ("adapter", {}),
+    "ia3": ("ia3", {}),
+    "ln_tuning": ("ln_tuning", {}),
+    "bitfit": ("bitfit", {}),
+    "vera": ("vera", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -112,6 +116,28 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
         if args["prefix_projection"] and args.get("encoder_hidden_size"):
             kw["encoder_hidden_size"] = args["encoder_hidden_size"]
         return "PrefixTuningConfig", kw
+    if method == "ia3":
+        from litpeft.methods import IA3
+
+        resolved = IA3(**args)  # null targets: litpeft's defaults, named explicitly for peft
+        return "IA3Config", {
+            "target_modules": resolved.targets(),
+            "feedforward_modules": resolved.feedforward(),
+        }
+    if method == "ln_tuning":
+        if args["target_modules"] is None:  # litpeft's default, every norm: SmolLM2's (Llama) by name
+            return "LNTuningConfig", {
+                "target_modules": ["input_layernorm", "post_attention_layernorm", "norm"]
+            }
+        return "LNTuningConfig", {"target_modules": args["target_modules"]}
+    if method == "vera":
+        return "VeraConfig", {
+            "r": args["r"],
+            "target_modules": args["target_modules"],
+            "projection_prng_key": args["projection_prng_key"],
+            "vera_dropout": args["dropout"],
+            "d_initial": args["d_initial"],
+        }
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
             "adapter_len": args["adapter_len"],

@@ -21,7 +21,18 @@ _spec.loader.exec_module(quality)
 
 from quality_report import NOTES, write_report  # noqa: E402  (scripts/ is on the path above)
 
-PEFT_HAS = {"lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "llama_adapter"}
+PEFT_HAS = {
+    "lora",
+    "dora",
+    "prompt_tuning",
+    "p_tuning",
+    "prefix_tuning",
+    "p_tuning_v2",
+    "llama_adapter",
+    "ia3",
+    "ln_tuning",
+    "vera",
+}
 
 
 @pytest.mark.parametrize("method", list(quality.METHODS))

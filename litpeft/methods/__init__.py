@@ -6,25 +6,35 @@ Shared mechanisms: ``base`` (the interface), ``layout`` (where things are in a m
 """
 
 from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabled, method_from_config
+from litpeft.methods.bitfit import BitFit
 from litpeft.methods.bottleneck import HoulsbyAdapter
+from litpeft.methods.ia3 import IA3, IA3Linear
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
+from litpeft.methods.ln_tuning import LNTuning
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
 from litpeft.methods.prompt import PromptTuning, PTuning
+from litpeft.methods.vera import VeRA, VeRALinear
 
 __all__ = [
     "METHODS",
+    "BitFit",
     "LlamaAdapter",
     "LlamaAdapterV2",
+    "LNTuning",
     "LoRA",
     "LoRALinear",
     "HoulsbyAdapter",
+    "IA3",
+    "IA3Linear",
     "PromptTuning",
     "PTuning",
     "PeftLayer",
     "PeftMethod",
     "PrefixTuning",
     "PTuningV2",
+    "VeRA",
+    "VeRALinear",
     "adapters_disabled",
     "method_from_config",
 ]

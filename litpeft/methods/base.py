@@ -302,3 +302,15 @@ def find_targets(
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule ``name`` (how a method wraps a layer: LoRA, bias/scale, norms)."""
     model.set_submodule(name, new)
+
+
+def peft_target_names(model: nn.Module, adapted: list[str]) -> list[str]:
+    """A peft config's ``target_modules`` that selects exactly the ``adapted`` modules of ``model``.
+
+    peft matches a list entry against a module name that equals it or ends with ``"." + entry``: the
+    adapted modules' short names (``k_proj``) when no other module of ``model`` has one of them, else their
+    full names. (A wrapped module's own children, ``<name>.base_layer`` and the like, keep other short names.)
+    """
+    short = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    same_named = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in short}
+    return short if same_named == set(adapted) else sorted(adapted)

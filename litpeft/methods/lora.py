@@ -315,3 +315,19 @@ class LoRA(PeftMethod):
             # ``get_peft_model_state_dict`` writes (its module's ``.weight`` suffix dropped).
             tensors["base_model.model." + k] = v
         return config, tensors
+
+
+def loraplus_param_groups(model: nn.Module, lr_ratio: float) -> list[dict[str, Any]]:
+    """LoRA+ (Hayou et al. 2024, arXiv 2402.12354, sec. 3: ``eta_B = lambda * eta_A``): two groups of the
+    trainable tensors, ``B`` with ``lr_ratio`` (the optimizer's LR is multiplied by it) and ``A`` without.
+
+    As the authors' code (and peft's ``create_loraplus_optimizer``), the 1-D tensors (DoRA's magnitude,
+    trained biases) go with ``B``. Any LoRA variant qualifies: it has ``lora_B`` layers.
+    """
+    a, b = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b if ".lora_B." in name or p.ndim == 1 else a).append(p)
+    if not b:
+        raise LitPeftError("loraplus_lr_ratio: the model has no LoRA B matrices to give the larger LR")
+    return [g for g in ({"params": a}, {"params": b, "lr_ratio": lr_ratio}) if g["params"]]

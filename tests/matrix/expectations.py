@@ -12,6 +12,8 @@ REFUSALS: dict[tuple[str, str], str] = {
         ("olmo2", m): "normalizes the keys of all heads together"
         for m in ("llama_adapter", "llama_adapter_v2")
     },
+    # (IA)^3's default l_ff names down_proj, which Qwen3-MoE's experts hold as one 3-D tensor
+    ("qwen3_moe", "ia3"): "experts hold down_proj as 3-D tensors",
 }
 
 #: (family, method) -> {check: the known defect that makes it fail}; none at present (the last one, Gemma's

@@ -61,6 +61,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adapter": ("adapter", {}),
     "llama_adapter": ("llama_adapter", {"adapter_layers": 2}),  # the config's 28 > the tiny models' 2
     "llama_adapter_v2": ("llama_adapter_v2", {"adapter_layers": 2}),
+    "ia3": ("ia3", {}),
+    "ln_tuning": ("ln_tuning", {}),
+    "bitfit": ("bitfit", {}),
+    "vera": ("vera", {}),
 }
 FAMILIES = (
     "llama",
