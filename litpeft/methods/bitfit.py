@@ -83,6 +83,7 @@ class BitFit(PeftMethod):
     """
 
     name = "bitfit"
+    learning_rate = 1e-3  # configs/bitfit.yaml
     mergeable = True
     not_exportable_reason = (
         "method 'bitfit' has no Hugging Face peft equivalent to export to (peft has no bias-only tuner); "

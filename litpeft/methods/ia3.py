@@ -124,6 +124,7 @@ class IA3(PeftMethod):
     """
 
     name = "ia3"
+    learning_rate = 3e-3  # configs/ia3.yaml
     mergeable = True
     exportable_to_peft = True
 

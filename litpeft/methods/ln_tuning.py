@@ -38,6 +38,7 @@ class LNTuning(PeftMethod):
     """
 
     name = "ln_tuning"
+    learning_rate = 1e-3  # configs/ln_tuning.yaml
     mergeable = True
     exportable_to_peft = True
 

@@ -359,7 +359,7 @@ class PTuningV2(PrefixTuning):
     """
 
     name = "p_tuning_v2"
-    learning_rate = 5e-4  # configs/p_tuning_v2.yaml
+    learning_rate = 5e-3  # configs/p_tuning_v2.yaml (direct prompts, init_text)
 
     def __init__(
         self,

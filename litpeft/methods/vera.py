@@ -120,6 +120,7 @@ class VeRA(PeftMethod):
     """
 
     name = "vera"
+    learning_rate = 4e-3  # configs/vera.yaml
     mergeable = True
     exportable_to_peft = True
 
