@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from litpeft.data.collate import encode_many, pad_batch
-from litpeft.data.datamodule import InstructionDataModule, ResumableSampler
+from litpeft.data.datamodule import DEMO, InstructionDataModule, ResumableSampler
 from litpeft.data.prompts import Message, PromptStyle, bos_ids, style_name
 from litpeft.data.sources import DEMO_DIR, BadRow, Chat, DataSource, text_field
 from litpeft.errors import LitPeftError
@@ -176,7 +176,7 @@ class PreferenceDataModule(InstructionDataModule):
         skip_bad_rows: bool = False,
         pin_memory: bool | None = None,
     ) -> None:
-        if train_file is None:
+        if train_file == DEMO:  # only an explicit opt-in trains on the bundled pairs (as for SFT data)
             train_file, val_file = str(DEMO_TRAIN), val_file or str(DEMO_VAL)
         super().__init__(
             train_file=train_file,

@@ -209,3 +209,9 @@ def _parse(text: str, fmt: str) -> dt.datetime | None:
         return dt.datetime.strptime(text, fmt)
     except ValueError:
         return None
+
+
+def test_only_an_explicit_demo_trains_on_the_bundled_pairs() -> None:
+    with pytest.raises(LitPeftError, match="data.train_file is not set"):
+        PreferenceDataModule()
+    assert PreferenceDataModule("demo").train_file.endswith("preference_train.jsonl")
