@@ -13,6 +13,7 @@ another numeric form. The script
 
     python scripts/preference_demo.py                 # 135 s on an idle 2-core CPU (docs/preference.md)
     python scripts/preference_demo.py --max-steps 20  # a quicker look
+    python scripts/preference_demo.py --optimizer.init_args.lr 5e-5   # any other flag goes to litpeft fit
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/preference_demo", help="run directory")
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps (4 pairs each)")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
     rows = [json.loads(line) for line in DEMO_VAL.read_text().splitlines()]
     start = time.monotonic()
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "--trainer.callbacks", "[]",
             "--model.init_args.adapter_dir", str(out / "adapter"),
             "--data.init_args.eval_batch_size", "30",
+            *overrides,
         ]
     )  # fmt: skip
     iso_after, right_after, answers_after = format_shares(str(out / "adapter"), rows)
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     summary = {
         "max_steps": args.max_steps,
+        "overrides": overrides,
         "seconds": round(time.monotonic() - start),
         "iso_share": {"before": iso_before, "after": iso_after},
         "right_iso_date": {"before": right_before, "after": right_after},
