@@ -27,7 +27,8 @@ def expert_tensors(model: nn.Module) -> list[str]:
 
 def _expert_targets(method: Any, model: PreTrainedModel) -> str | None:
     """``target_modules`` naming an expert tensor would otherwise select nothing there, silently."""
-    targets = getattr(method, "target_modules", None)
+    resolve = getattr(method, "targets", None)  # a method whose None means default names ((IA)^3)
+    targets = resolve() if callable(resolve) else getattr(method, "target_modules", None)
     experts = expert_tensors(model)
     if not experts or targets is None or targets == "all-linear":
         return None
