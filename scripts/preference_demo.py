@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     litpeft(
         [
             "fit", "--config", str(REPO / "configs" / "dpo.yaml"),
+            "--data.init_args.train_file", "demo",
             "--trainer.max_steps", str(args.max_steps),
             "--trainer.val_check_interval", str(max(1, args.max_steps // 4)),
             "--trainer.default_root_dir", str(out),

@@ -14,6 +14,7 @@ from litpeft.cli import main
 
 TINY = [
     "--model.init_args.model", "tiny:llama",
+    "--data.init_args.train_file", "demo",
     "--trainer.accelerator", "cpu",
     "--trainer.precision", "32-true",
     "--trainer.max_steps", "2",
