@@ -17,6 +17,7 @@ then the rejected (TRL's layout), right-padded (:func:`collate_pairs`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -124,7 +125,8 @@ def encode_pairs(
 
 
 class PairSamples(Dataset):
-    """Tokenized pairs: item ``i`` is ``(chosen, rejected)``, each ``{input_ids, labels}`` tensors."""
+    """Tokenized pairs: item ``i`` is ``(chosen, rejected)``, each ``{input_ids, labels}`` tensors and the
+    pair's index ``pair_index`` (the key of its cached reference log-probabilities)."""
 
     def __init__(self, pairs: list[tuple[dict[str, list[int]], dict[str, list[int]]]]) -> None:
         self.pairs = [
@@ -135,13 +137,27 @@ class PairSamples(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return tuple({k: v.long() for k, v in s.items()} for s in self.pairs[i])  # type: ignore[return-value]
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        return tuple({**{k: v.long() for k, v in s.items()}, "pair_index": i} for s in self.pairs[i])  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """A hash of every pair's tokens and labels, in order: a cache keyed by ``pair_index`` belongs to it."""
+        digest = hashlib.sha256()
+        for pair in self.pairs:
+            for s in pair:
+                for k in ("input_ids", "labels"):
+                    digest.update(s[k].numpy().tobytes())
+                digest.update(b"|")
+        return digest.hexdigest()[:16]
 
 
 def collate_pairs(pairs: list[tuple[dict[str, Any], dict[str, Any]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """``B`` pairs -> ``2B`` right-padded rows, the chosen answers first, then the rejected ones."""
-    return pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    """``B`` pairs -> ``2B`` right-padded rows, the chosen answers first, then the rejected ones; with
+    ``pair_index`` ``(B,)`` when the pairs carry it (:class:`PairSamples`)."""
+    batch = pad_batch([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
+    if "pair_index" in pairs[0][0]:
+        batch["pair_index"] = torch.tensor([p[0]["pair_index"] for p in pairs], dtype=torch.long)
+    return batch
 
 
 class PreferenceDataModule(InstructionDataModule):

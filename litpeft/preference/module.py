@@ -15,11 +15,14 @@ policy pass, so autograd never sees the tensors change.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
 from jsonargparse import lazy_instance
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from litpeft.adapter_dir import base_fingerprints, read_adapter_config, read_adapter_weights
@@ -29,8 +32,12 @@ from litpeft.methods import LoRA, PeftMethod
 from litpeft.methods.base import adapters_disabled
 from litpeft.module import PeftLM
 from litpeft.preference import losses
+from litpeft.preference.data import PairSamples, collate_pairs
 from litpeft.preference.losses import NEEDS_REFERENCE, LossType, PairLogps, PairLoss
+from litpeft.preference.reference import ReferenceCache, score_pairs
 from litpeft.quantize import QuantMode
+
+log = logging.getLogger(__name__)
 
 
 def token_logps(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +77,9 @@ class PreferenceLM(PeftLM):
             ``x``, and litpeft's SFT).
         init_adapter: an adapter directory (e.g. an SFT run's) to start from; the reference policy is then
             that adapter, not the bare base. Its method's config must match ``method``.
+        precompute_reference: ``dpo``/``ipo``: score every train and val pair with the reference policy once
+            (the first step of each split) and read the cache instead of a second forward pass each step
+            (:mod:`litpeft.preference.reference`; TRL's ``precompute_ref_log_probs``).
     """
 
     def __init__(
@@ -86,10 +96,16 @@ class PreferenceLM(PeftLM):
         simpo_gamma: float = 0.5,
         sft_on_prompt: bool = False,
         init_adapter: str | None = None,
+        precompute_reference: bool = False,
     ) -> None:
         check(loss in losses.LOSSES, "model.init_args.loss", loss, f"one of {', '.join(losses.LOSSES)}")
         check(beta > 0, "model.init_args.beta", beta, "a positive number")
         check(0 <= label_smoothing < 0.5, "model.init_args.label_smoothing", label_smoothing, "in [0, 0.5)")
+        if precompute_reference and loss not in NEEDS_REFERENCE:
+            raise LitPeftError(
+                f"model.init_args.precompute_reference: loss '{loss}' is reference-free; "
+                f"only {' and '.join(NEEDS_REFERENCE)} have reference log-probabilities to precompute"
+            )
         if init_adapter is not None:
             read_adapter_config(init_adapter)  # one line now, not after the base is loaded
         super().__init__(model, method, quantize, gradient_checkpointing, trust_remote_code, adapter_dir)
@@ -97,6 +113,9 @@ class PreferenceLM(PeftLM):
         self.simpo_gamma, self.sft_on_prompt, self.init_adapter = simpo_gamma, sft_on_prompt, init_adapter
         #: the starting adapter's tensors (by parameter name), the reference policy; None: the bare base
         self.reference_tensors: dict[str, torch.Tensor] | None = None
+        self.precompute_reference = precompute_reference
+        self.reference_cache = ReferenceCache()
+        self._cache_checked: set[str] = set()  # splits whose cache was matched to this run's data
 
     # -- model --------------------------------------------------------------------------------------
     def build_model(self, meta: bool = False) -> PreTrainedModel:
@@ -153,15 +172,60 @@ class PreferenceLM(PeftLM):
         finally:
             model.train(training)
 
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> PairLogps:
+        """The reference policy's answer log-probabilities of a batch (one no-grad forward pass)."""
+        with self.reference_policy():
+            return pair_logps(*token_logps(self.model, self.without_padding_mask(batch)))
+
+    def cache_reference(self, split: str, dataset: PairSamples, batch_size: int) -> None:
+        """Score every pair of ``dataset`` with the reference policy into the cache of ``split``, unless it
+        holds this data already (restored from a checkpoint). Every rank scores every pair (under FSDP each
+        forward pass is a collective): one no-grad pass over the data, the wall time of one process."""
+        fingerprint = dataset.fingerprint()
+        self._cache_checked.add(split)
+        if self.reference_cache.has(split, fingerprint):
+            return
+        pad_id = self.tokenizer.pad_token_id
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=pad_id))
+        with torch.inference_mode(False):  # a cache scored in a validation step is used by training steps
+            logps = score_pairs(loader, len(dataset), self.reference_logps, self.device)
+        self.reference_cache.store(split, fingerprint, logps)
+        log.info("reference log-probabilities of %d %s pairs cached", len(dataset), split)
+
+    def cached_reference(self, batch: dict[str, torch.Tensor], split: str | None) -> PairLogps | None:
+        """The batch's reference log-probabilities from the cache, scoring its split first if needed;
+        None without ``precompute_reference``, for a split other than train/val or a batch without keys."""
+        if not self.precompute_reference or split not in ("train", "val") or "pair_index" not in batch:
+            return None
+        if split not in self._cache_checked:  # once per fit/validate: the split's data may be new
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            dataset = getattr(datamodule, f"{split}_data", None)
+            if not isinstance(dataset, PairSamples):
+                raise LitPeftError(
+                    "model.init_args.precompute_reference needs the pairs of a "
+                    "litpeft.preference.PreferenceDataModule (data:) to score them before training"
+                )
+            self.cache_reference(split, dataset, datamodule.eval_batch_size)
+        return self.reference_cache.lookup(split, batch)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        self._cache_checked.clear()
+
     # -- loss ---------------------------------------------------------------------------------------
-    def preference_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, PairLoss, PairLogps]:
-        """The mean loss over the batch's pairs, the per-pair terms, and the policy's answer log-probs."""
+    def preference_loss(
+        self, batch: dict[str, torch.Tensor], split: str | None = None
+    ) -> tuple[torch.Tensor, PairLoss, PairLogps]:
+        """The mean loss over the batch's pairs, the per-pair terms, and the policy's answer log-probs.
+
+        ``split`` (``train``/``val``) selects the reference cache under ``precompute_reference``."""
         attention = batch.get("attention_mask")
-        batch = self.without_padding_mask(batch)
         reference = None
         if self.loss in NEEDS_REFERENCE:  # first: the reference pass may swap the adapter's tensors
-            with self.reference_policy():
-                reference = pair_logps(*token_logps(self.model, batch))
+            reference = self.cached_reference(batch, split)
+            if reference is None:
+                reference = self.reference_logps(batch)
+        batch = self.without_padding_mask(batch)
         if self.loss == "orpo" and self.sft_on_prompt:
             return self._orpo_on_sequence(batch, attention)
         policy = pair_logps(*token_logps(self.model, batch))
@@ -209,7 +273,7 @@ class PreferenceLM(PeftLM):
         }
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, out, policy = self.preference_loss(batch)
+        loss, out, policy = self.preference_loss(batch, "train")
         pairs = int(out.losses.shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
         for key, value in self.metrics(out, policy).items():
@@ -223,7 +287,7 @@ class PreferenceLM(PeftLM):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], split: str) -> None:
-        loss, out, policy = self.preference_loss(batch)
+        loss, out, policy = self.preference_loss(batch, split)
         pairs = int(out.losses.shape[0])
         values = {"loss": loss, **self.metrics(out, policy)}
         for key, value in values.items():
@@ -237,4 +301,14 @@ class PreferenceLM(PeftLM):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["litpeft"]["preference"] = {"loss": self.loss, "init_adapter": self.init_adapter}
+        checkpoint["litpeft"]["preference"] = {
+            "loss": self.loss,
+            "init_adapter": self.init_adapter,
+            "reference_cache": self.reference_cache.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run reads the reference cache it had (rescored if the data changed)."""
+        saved = checkpoint.get("litpeft", {}).get("preference", {})
+        if self.precompute_reference and saved.get("reference_cache"):
+            self.reference_cache.load_state_dict(saved["reference_cache"])
