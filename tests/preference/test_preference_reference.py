@@ -62,7 +62,9 @@ def test_cached_reference_gives_the_losses_and_gradients_of_the_reference_pass(
     dataset = _pairs(module)
     base = load_model("tiny:llama", tokenizer=module.tokenizer)
     batch = collate_pairs([dataset[i] for i in range(len(dataset))], module.tokenizer.pad_token_id)
-    assert_close(module.reference_cache.logps["train"].T.reshape(-1), _logps(base, batch), rtol=1e-5, atol=1e-4)
+    assert_close(
+        module.reference_cache.logps["train"].T.reshape(-1), _logps(base, batch), rtol=1e-5, atol=1e-4
+    )
 
 
 def test_with_init_adapter_the_cache_holds_the_starting_adapters_log_probs(
