@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -74,19 +75,24 @@ def fit(
     data: str = "data",
     accumulate: int = 1,
     num_nodes: int = 1,
+    module_class: Callable[..., PeftLM] = PeftLM,
+    data_class: Callable[..., L.LightningDataModule] = InstructionDataModule,
+    **module_kwargs: Any,
 ) -> L.Trainer:
-    """One fit; shared with the single-process reference runs of the test and tests/multinode_worker.py."""
+    """One fit; shared with the single-process reference runs of the test, tests/multinode_worker.py and
+    tests/preference/preference_distributed_worker.py (``module_class``, ``data_class``, ``module_kwargs``)."""
     L.seed_everything(0)
-    module = PeftLM(
+    module = module_class(
         "tiny:llama",
         method=METHODS[method](),
         quantize=quantize,
         gradient_checkpointing=gradient_checkpointing,
         # None: the default <log_dir>/adapter, which asks every rank for trainer.log_dir (a broadcast)
         adapter_dir=str(out / name / "adapter") if adapter_dir else None,
+        **module_kwargs,
     )
     module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
-    data = InstructionDataModule(
+    data = data_class(
         train_file=str(out / data / "train.jsonl"),
         val_file=str(out / data / "val.jsonl"),
         batch_size=batch_size,

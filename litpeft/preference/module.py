@@ -275,9 +275,11 @@ class PreferenceLM(PeftLM):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, out, policy = self.preference_loss(batch, "train")
         pairs = int(out.losses.shape[0])
-        self.log("train/loss", loss, prog_bar=True, batch_size=pairs)
+        # sync_dist: under DDP/FSDP the logged values are means over every rank's pairs, as in one process
+        self.log("train/loss", loss, prog_bar=True, batch_size=pairs, sync_dist=True)
         for key, value in self.metrics(out, policy).items():
-            self.log(f"train/{key}", value, prog_bar=key == "rewards/accuracy", batch_size=pairs)
+            prog = key == "rewards/accuracy"
+            self.log(f"train/{key}", value, prog_bar=prog, batch_size=pairs, sync_dist=True)
         return self.weigh_by_tokens(loss, pairs)  # every pair weighs the same across micro-batches and ranks
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -291,7 +293,8 @@ class PreferenceLM(PeftLM):
         pairs = int(out.losses.shape[0])
         values = {"loss": loss, **self.metrics(out, policy)}
         for key, value in values.items():
-            self.log(f"{split}/{key}", value, prog_bar=key in ("loss", "rewards/accuracy"), batch_size=pairs)
+            prog = key in ("loss", "rewards/accuracy")
+            self.log(f"{split}/{key}", value, prog_bar=prog, batch_size=pairs, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         pass  # logged per step (Lightning averages over the epoch, weighted by pairs)
