@@ -2,7 +2,8 @@
 
 A batch holds ``2B`` rows, the ``B`` chosen answers then the ``B`` rejected ones, each after the same prompt,
 with labels ``-100`` outside the answer (:mod:`litpeft.preference.data`; TRL's layout). One forward pass of
-the policy scores all ``2B`` answers; DPO and IPO add one pass of the reference policy, without gradients.
+the policy scores all ``2B`` answers; DPO and IPO add one pass of the reference policy, without gradients
+(or read its log-probabilities from a cache scored once, ``precompute_reference``: :mod:`.reference`).
 
 The reference costs no second model. Without ``init_adapter`` it is the base model: the same network with
 every method layer switched off (:func:`~litpeft.methods.base.adapters_disabled`). With ``init_adapter`` (an
@@ -185,12 +186,12 @@ class PreferenceLM(PeftLM):
         self._cache_checked.add(split)
         if self.reference_cache.has(split, fingerprint):
             return
+        log.info("scoring the reference log-probabilities of %d %s pairs (once)", len(dataset), split)
         pad_id = self.tokenizer.pad_token_id
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=pad_id))
         with torch.inference_mode(False):  # a cache scored in a validation step is used by training steps
             logps = score_pairs(loader, len(dataset), self.reference_logps, self.device)
         self.reference_cache.store(split, fingerprint, logps)
-        log.info("reference log-probabilities of %d %s pairs cached", len(dataset), split)
 
     def cached_reference(self, batch: dict[str, torch.Tensor], split: str | None) -> PairLogps | None:
         """The batch's reference log-probabilities from the cache, scoring its split first if needed;
