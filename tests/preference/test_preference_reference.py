@@ -90,6 +90,22 @@ def test_with_init_adapter_the_cache_holds_the_starting_adapters_log_probs(
     assert_close(module.reference_cache.logps["train"].T.reshape(-1), sft_logps, rtol=1e-5, atol=1e-4)
 
 
+def test_the_cache_is_rescored_when_the_data_is_not_what_it_was_scored_on() -> None:
+    module = policy("dpo", precompute_reference=True)
+    dataset = _pairs(module)
+    module.cache_reference("train", dataset, batch_size=2)
+    restored = module.reference_cache.state_dict()  # as a checkpoint holds it
+    module.reference_cache.load_state_dict(restored)
+    module.cache_reference("train", dataset, batch_size=3)  # the same data: kept
+    assert module.reference_cache.logps["train"] is restored["train"]["logps"]
+    encoded = encode_pairs(pairs(), PlainStyle(), module.tokenizer)
+    other = PairSamples([encoded[1], encoded[0]])  # other pairs at the same indices
+    module.cache_reference("train", other, batch_size=2)
+    assert_close(
+        module.reference_cache.logps["train"], restored["train"]["logps"][[1, 0]], rtol=1e-5, atol=1e-5
+    )
+
+
 @pytest.mark.parametrize("loss", ["orpo", "simpo"])
 def test_reference_free_losses_refuse_precompute_reference_in_one_line(loss: str) -> None:
     with pytest.raises(LitPeftError) as e:

@@ -9,8 +9,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from adapter_helpers import write_jsonl
+from adapter_helpers import make_adapter, write_jsonl
 from preference_helpers import PAIRS, batch, grads, policy
+from safetensors.torch import load_file
 from test_module import _Interrupt, _RecordLosses
 from test_preference_module import _logps
 from torch.testing import assert_close
@@ -93,6 +94,21 @@ def test_a_resumed_dpo_run_with_a_reference_cache_ends_as_an_uninterrupted_one(
         assert float(value.abs().max()) > 0, name
         assert_close(_adapter(resumed)[name], value, msg=name)
         assert_close(_adapter(plain_module)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_resumed_dpo_run_from_an_sft_adapter_keeps_it_as_the_reference(
+    pairs_file: Path, tmp_path: Path
+) -> None:
+    sft = str(make_adapter(tmp_path / "sft", "tiny:llama", LoRA(r=4, alpha=8), style="plain"))
+    full, full_module = _fit(pairs_file, tmp_path / "full", 4, init_adapter=sft)
+    first, _ = _fit(pairs_file, tmp_path / "part", 4, stop_at=2, init_adapter=sft)
+    ckpt = str(tmp_path / "part/ckpt/last.ckpt")
+    second, resumed = _fit(pairs_file, tmp_path / "part", 4, ckpt_path=ckpt, init_adapter=sft)
+    assert_close(torch.tensor(first + second), torch.tensor(full), rtol=1e-5, atol=1e-6)
+    start = load_file(Path(sft) / "adapter.safetensors")
+    for name, value in _adapter(full_module).items():
+        assert_close(_adapter(resumed)[name], value, msg=name)
+        assert_close(resumed.reference_tensors[name], start[name])  # the SFT adapter, not the checkpoint's
 
 
 def test_dpo_on_an_nf4_base_trains_an_fp32_lora_against_the_quantized_base(
