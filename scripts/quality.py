@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
+    "loha": ("loha", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -137,6 +138,10 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
             "projection_prng_key": args["projection_prng_key"],
             "vera_dropout": args["dropout"],
             "d_initial": args["d_initial"],
+        }
+    if method == "loha":
+        return "LoHaConfig", {
+            k: args[k] for k in ("r", "alpha", "rank_dropout", "module_dropout", "target_modules")
         }
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
