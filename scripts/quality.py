@@ -52,6 +52,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
     "loha": ("loha", {}),
+    "lokr": ("lokr", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -143,6 +144,8 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
         return "LoHaConfig", {
             k: args[k] for k in ("r", "alpha", "rank_dropout", "module_dropout", "target_modules")
         }
+    if method == "lokr":
+        return "LoKrConfig", dict(args)  # the same field names
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
             "adapter_len": args["adapter_len"],

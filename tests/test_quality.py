@@ -33,6 +33,7 @@ PEFT_HAS = {
     "ln_tuning",
     "vera",
     "loha",
+    "lokr",
 }
 
 

@@ -12,6 +12,7 @@ from litpeft.methods.ia3 import IA3, IA3Linear
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
 from litpeft.methods.ln_tuning import LNTuning
 from litpeft.methods.loha import LoHa, LoHaLinear
+from litpeft.methods.lokr import LoKr, LoKrLinear
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
 from litpeft.methods.prompt import PromptTuning, PTuning
@@ -25,6 +26,8 @@ __all__ = [
     "LNTuning",
     "LoHa",
     "LoHaLinear",
+    "LoKr",
+    "LoKrLinear",
     "LoRA",
     "LoRALinear",
     "HoulsbyAdapter",

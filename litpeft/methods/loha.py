@@ -78,7 +78,7 @@ class LoHa(LycorisMethod):
     """
 
     name = "loha"
-    learning_rate = 5e-4  # configs/loha.yaml
+    learning_rate = 1e-3  # configs/loha.yaml
     layer = LoHaLinear
     peft_type = "LOHA"
 

@@ -66,6 +66,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
     "loha": ("loha", {}),
+    "lokr": ("lokr", {}),
 }
 FAMILIES = (
     "llama",
