@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from litpeft.methods.lycoris import LycorisLinear, LycorisMethod
@@ -63,6 +64,17 @@ class LoHaLinear(LycorisLinear):
         return HadamardDelta.apply(
             self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scaling
         )
+
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``Delta W x`` as a rank-``r^2`` product, ``A (B x)``, where that costs less than ``Delta W``:
+        ``(W1a W1b) ⊙ (W2a W2b) = A B`` with ``A[o, (p, q)] = W1a[o, p] W2a[o, q]`` and
+        ``B[(p, q), i] = W1b[p, i] W2b[q, i]`` (row-wise Khatri-Rao products)."""
+        r2 = self.hada_w1_a.shape[1] ** 2
+        if r2 * (self.in_features + self.out_features) >= self.in_features * self.out_features:
+            return super().delta_output(x)
+        a = (self.hada_w1_a[:, :, None] * self.hada_w2_a[:, None, :]).flatten(1)  # out x r^2
+        b = (self.hada_w1_b[:, None, :] * self.hada_w2_b[None, :, :]).flatten(0, 1)  # r^2 x in
+        return F.linear(F.linear(x.to(a.dtype), b) * self.scaling, a)
 
 
 class LoHa(LycorisMethod):

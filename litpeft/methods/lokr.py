@@ -92,6 +92,13 @@ class LoKrLinear(LycorisLinear):
     def delta_weight(self) -> torch.Tensor:
         return torch.kron(self._w(1), self._w(2)) * self.scaling
 
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``(W1 ⊗ W2) x`` without forming ``W1 ⊗ W2``: with ``x`` as a ``c x d`` matrix ``X``, the output
+        is ``W1 X W2^T`` (``a x b``): ``b c (a + d)`` multiplications per token instead of ``a b c d``."""
+        w1, w2 = self._w(1), self._w(2)
+        xs = x.to(w1.dtype).unflatten(-1, (w1.shape[1], w2.shape[1]))
+        return torch.matmul(w1, xs @ w2.T).flatten(-2) * self.scaling
+
 
 class LoKr(LycorisMethod):
     """LoKr on the selected linear layers (``nn.Linear`` and GPT-2's ``Conv1D``); peft's ``LoKrConfig``.

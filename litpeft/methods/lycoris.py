@@ -3,7 +3,8 @@
 the checks and peft export of the common options.
 
 ``Delta W`` is ``out x in`` whatever the base layer (``nn.Linear`` or GPT-2's ``Conv1D``); the forward
-is peft's, ``base_layer(x) + F.linear(x, Delta W)``. In training, as peft does: the whole update is
+adds ``Delta W x`` to ``base_layer(x)``, as peft's, but from the factors where that is cheaper than
+forming ``Delta W`` (peft forms it in every forward). In training, as peft does: the whole update is
 skipped with probability ``module_dropout`` (one draw per layer and step), and each output row of
 ``Delta W`` is dropped with probability ``rank_dropout`` (the kept rows rescaled by 1 / their share where
 the method says so). The draws come from torch's CPU generator in peft's order, so the same seed gives
@@ -58,19 +59,25 @@ class LycorisLinear(nn.Module, PeftLayer):
         """``Delta W`` as ``(out, in)``, scaling included."""
         raise NotImplementedError
 
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``Delta W x`` (a subclass may compute it without forming ``Delta W``)."""
+        delta = self.delta_weight()
+        return F.linear(x.to(delta.dtype), delta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.disabled:
             return result
         if self.training and not torch.rand(1) > self.module_dropout:  # peft draws it every training step
             return result
-        delta = self.delta_weight()
+        out = self.delta_output(x)
         if self.training and self.rank_dropout:
-            drop = (torch.rand(delta.shape[0]) > self.rank_dropout).to(delta.dtype)
+            # a dropped row of Delta W is a dropped output feature of Delta W x
+            drop = (torch.rand(self.out_features) > self.rank_dropout).float()
             if self.rank_dropout_scale:  # (all rows dropped: peft's 0 / 0 is NaN, here the update is 0)
                 drop = drop / drop.mean().clamp_min(1 / drop.numel())
-            delta = delta * drop.to(delta.device)[:, None]
-        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+            out = out * drop.to(out.device)
+        return result + out.to(result.dtype)
 
     @torch.no_grad()
     def merged(self) -> nn.Module:
