@@ -1,5 +1,5 @@
 """LoHa: zero-change start, parity with Hugging Face peft (init, count, logits, dropout masks, export),
-the factored backward, merge, one-line errors."""
+the factored backward, merge (also on an nf4 base), one-line errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from adapter_helpers import logits, make_adapter, token_ids
 from peft import LoHaConfig, PeftModel, get_peft_model
+from transformers.pytorch_utils import Conv1D
 
+from litpeft import PeftLM
 from litpeft.adapter_dir import load_adapter
 from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
@@ -123,7 +125,7 @@ def test_litpeft_export_round_trips_through_peft(tmp_path) -> None:
     torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_conv1d_trains_and_merges_but_peft_export_is_refused(tmp_path) -> None:
+def test_gpt2_conv1d_peft_export_is_refused_with_one_line(tmp_path) -> None:
     adapter = make_adapter(tmp_path / "adapter", "tiny:gpt2", LoHa(r=4))
     with pytest.raises(LitPeftError, match="peft's LoHa wraps nn.Linear layers only, not GPT-2's Conv1D"):
         export_adapter(str(adapter), str(tmp_path / "peft"))
@@ -148,3 +150,16 @@ def test_config_errors_are_one_line() -> None:
         LoHa(target_modules=["nope"]).apply(load_model("tiny:llama"))
     method = LoHa(r=4, alpha=2.0, module_dropout=0.1, target_modules=["q_proj"])
     assert method_from_config(method.config()).config() == method.config()
+
+
+def test_merge_on_an_nf4_base_gives_plain_layers_of_the_same_outputs() -> None:
+    """A quantized base cannot take Delta W in place: merge replaces it by a plain layer of the original
+    kind (GPT-2: Conv1D) holding the dequantized weight + Delta W (shared by LoHa and LoKr)."""
+    lm = PeftLM(model="tiny:gpt2", method=LoHa(r=2), quantize="nf4")
+    lm.configure_model()
+    model = randomized(lm.model)
+    x = token_ids()
+    before = logits(model, x)
+    merged = merge(model, LoHa(r=2))
+    assert type(merged.get_submodule("transformer.h.0.attn.c_attn")) is Conv1D
+    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
