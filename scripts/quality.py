@@ -51,6 +51,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
+    "loha": ("loha", {}),
+    "lokr": ("lokr", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -138,6 +140,12 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
             "vera_dropout": args["dropout"],
             "d_initial": args["d_initial"],
         }
+    if method == "loha":
+        return "LoHaConfig", {
+            k: args[k] for k in ("r", "alpha", "rank_dropout", "module_dropout", "target_modules")
+        }
+    if method == "lokr":
+        return "LoKrConfig", dict(args)  # the same field names
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
             "adapter_len": args["adapter_len"],

@@ -32,6 +32,8 @@ PEFT_HAS = {
     "ia3",
     "ln_tuning",
     "vera",
+    "loha",
+    "lokr",
 }
 
 

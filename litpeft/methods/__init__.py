@@ -11,6 +11,8 @@ from litpeft.methods.bottleneck import HoulsbyAdapter
 from litpeft.methods.ia3 import IA3, IA3Linear
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
 from litpeft.methods.ln_tuning import LNTuning
+from litpeft.methods.loha import LoHa, LoHaLinear
+from litpeft.methods.lokr import LoKr, LoKrLinear
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
 from litpeft.methods.prompt import PromptTuning, PTuning
@@ -22,6 +24,10 @@ __all__ = [
     "LlamaAdapter",
     "LlamaAdapterV2",
     "LNTuning",
+    "LoHa",
+    "LoHaLinear",
+    "LoKr",
+    "LoKrLinear",
     "LoRA",
     "LoRALinear",
     "HoulsbyAdapter",

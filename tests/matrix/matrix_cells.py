@@ -65,6 +65,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
+    "loha": ("loha", {}),
+    "lokr": ("lokr", {}),
 }
 FAMILIES = (
     "llama",
