@@ -65,6 +65,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
+    "adalora": ("adalora", {"tinit": 0, "tfinal": 1}),  # the config's schedule is longer than STEPS
 }
 FAMILIES = (
     "llama",
