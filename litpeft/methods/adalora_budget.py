@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from litpeft.errors import LitPeftError
 
@@ -58,6 +59,10 @@ class RankAllocator(nn.Module):
         return [(f"{n}.{f}", getattr(layer, f)) for n, layer in self.layers.items() for f in FACTORS]
 
     def check_schedule(self, total_step: int) -> None:
+        if any(isinstance(p, DTensor) for _, p in self._params()):
+            raise LitPeftError(
+                "AdaLoRA ranks singular values over whole tensors: train it with DDP, not FSDP (sharded tensors)"
+            )
         if total_step <= 0:
             raise LitPeftError(
                 "AdaLoRA needs total_step: this run has no step bound (set max_steps or total_step)"
