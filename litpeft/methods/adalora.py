@@ -102,7 +102,8 @@ class AdaLoRA(PeftMethod):
         beta1: EMA factor of the sensitivity (eq. 9).
         beta2: EMA factor of the uncertainty (eq. 10).
         orth_reg_weight: the regulariser's coefficient (eq. 4's ``gamma``).
-        total_step: the schedule's length ``T``; null: the trainer's number of optimizer steps.
+        total_step: the schedule's length ``T``; null: the trainer's number of optimizer steps (then
+            written into the adapter's config).
     """
 
     name = "adalora"
@@ -182,6 +183,7 @@ class AdaLoRA(PeftMethod):
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         attached(model, SLOT).step(step, self.total_step or total_steps)
+        self.total_step = self.total_step or total_steps  # the adapter's config records the schedule it ran
 
     def training_state(self, model: nn.Module) -> dict[str, Any]:
         return attached(model, SLOT).state()
@@ -226,7 +228,7 @@ class AdaLoRA(PeftMethod):
             "beta1": self.beta1,
             "beta2": self.beta2,
             "orth_reg_weight": self.orth_reg_weight,
-            # peft's config demands a valid schedule even to load; the trainer's length is not in the adapter
+            # peft's config demands a valid schedule even to load (null: an adapter that never trained)
             "total_step": self.total_step or self.tinit + self.tfinal + 1,
             "rank_pattern": pattern,
             "fan_in_fan_out": isinstance(model.get_submodule(adapted[0]).base_layer, Conv1D),

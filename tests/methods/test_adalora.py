@@ -275,6 +275,7 @@ def test_fit_steps_the_allocator_once_per_optimizer_step_with_the_gradients(
     method = Recording(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], tinit=1, delta_t=2)
     module = fit(word_data, tmp_path, method, steps=5, accumulate=2)
     assert [(s, t) for s, t, _ in method.calls] == [(s, 5) for s in range(1, 6)]
+    assert method.total_step == 5  # recorded: the adapter's config says which schedule it ran
     assert all(norm > 0 for _, _, norm in method.calls)
     allocator = attached(module.model, SLOT)
     kept = sum(sum(v) for v in allocator.rank_pattern.values())
