@@ -83,6 +83,10 @@ class RankAllocator(nn.Module):
         budget = int((self.init_budget - self.target_budget) * left**3 + self.target_budget)
         return budget, step % self.delta_t == 0
 
+    def finite_gradients(self) -> bool:
+        grads = [p.grad for _, p in self._params() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
     @torch.no_grad()
     def update_importance(self) -> None:
         """Eqs. 8-10 on every entry, from the current weights and gradients."""
@@ -132,7 +136,10 @@ class RankAllocator(nn.Module):
         final = total_step - self.tfinal
         budget, mask = self.budget(step, total_step)
         if step < final:
-            self.update_importance()
+            if (
+                self.finite_gradients()
+            ):  # an fp16 loss scaler skipped this step: its inf would stay in the EMAs
+                self.update_importance()
             if mask:
                 self.rank_pattern = self.mask_to_budget(budget)
         elif step == final:

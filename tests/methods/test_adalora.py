@@ -166,6 +166,29 @@ def test_allocator_equals_peft_at_every_step() -> None:
     assert {f"{n}.lora_E.default": v for n, v in allocator.rank_pattern.items()} == pattern
 
 
+def test_a_step_with_inf_gradients_leaves_the_importance_alone() -> None:
+    """Under an fp16 loss scaler a step with inf gradients is skipped by the optimizer; its inf must not
+    enter the EMAs (peft's allocator would keep inf/nan scores from then on)."""
+    model = randomized(
+        AdaLoRA(init_r=4, target_r=2, target_modules=["q_proj"]).apply(load_model("tiny:llama"))
+    )
+    allocator = attached(model, SLOT)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    allocator.step(1, 10)
+    before = {k: v.clone() for k, v in allocator.exp_avg_ipt.items()}
+    params[0].grad[0, 0] = float("inf")
+    allocator.step(2, 10)
+    assert all(torch.equal(before[k], v) for k, v in allocator.exp_avg_ipt.items())
+    params[0].grad[0, 0] = 1.0
+    allocator.step(3, 10)
+    assert not torch.equal(
+        before["model.layers.0.self_attn.q_proj.lora_A"],
+        allocator.exp_avg_ipt["model.layers.0.self_attn.q_proj.lora_A"],
+    )
+
+
 def test_config_errors_are_one_line() -> None:
     with pytest.raises(ValueError, match=r"target_r: 12 is not allowed; AdaLoRA prunes from init_r down"):
         AdaLoRA(init_r=12, target_r=12)
