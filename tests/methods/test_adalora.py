@@ -25,8 +25,6 @@ from litpeft.methods.adalora_budget import SLOT
 from litpeft.methods.layout import attached
 from litpeft.models import load_model
 
-FACTORS = ("lora_A", "lora_E", "lora_B")
-
 
 def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -132,12 +130,13 @@ def test_allocator_equals_peft_at_every_step() -> None:
     allocator = attached(ours, SLOT)
     theirs_params = dict(theirs.base_model.model.named_parameters())
     ours_params = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    ranker = theirs.base_model.rankallocator
     g = torch.Generator().manual_seed(0)
-    budgets, masked = [], []
+    budgets, masked, tracked = [], [], []
     for step in range(1, total + 1):
-        with torch.no_grad():
-            for name, p in ours_params.items():  # a gradient, then an "optimizer step" on both sides
-                grad = torch.randn(p.shape, generator=g) * (1 + hash(name) % 5)
+        with torch.no_grad():  # a gradient, then an "optimizer step", the same on both sides
+            for i, (name, p) in enumerate(ours_params.items()):
+                grad = torch.randn(p.shape, generator=g) * (1 + i % 5)
                 move = torch.randn(p.shape, generator=g) * 0.05
                 for q in (p, theirs_params[f"{name}.default"]):
                     q.grad = grad.clone()
@@ -145,23 +144,21 @@ def test_allocator_equals_peft_at_every_step() -> None:
         method.after_optimizer_step(ours, step, 0)
         theirs.base_model.update_and_allocate(step)
         budget = allocator.budget(step, total)[0]
-        assert budget == theirs.base_model.rankallocator.budget_schedule(step)[0], step
+        assert budget == ranker.budget_schedule(step)[0], step
         budgets.append(budget)
         for name, p in ours_params.items():
             assert torch.equal(p, theirs_params[f"{name}.default"]), (step, name)
+        assert {f"{k}.default" for k in allocator.exp_avg_ipt} == set(ranker.exp_avg_ipt), step
+        tracked.append(len(allocator.exp_avg_ipt))
         for key, avg in allocator.exp_avg_ipt.items():
-            assert torch.equal(avg, theirs.base_model.rankallocator.exp_avg_ipt[f"{key}.default"]), (
-                step,
-                key,
-            )
-            assert torch.equal(
-                allocator.exp_avg_unc[key], theirs.base_model.rankallocator.exp_avg_unc[f"{key}.default"]
-            )
+            assert torch.equal(avg, ranker.exp_avg_ipt[f"{key}.default"]), (step, key)
+            assert torch.equal(allocator.exp_avg_unc[key], ranker.exp_avg_unc[f"{key}.default"]), (step, key)
         masked.append(sum(int((p == 0).sum()) for n, p in ours_params.items() if n.endswith("lora_E")))
     layers = len(allocator.layers)
     assert budgets[:2] == [4 * layers] * 2 and budgets[-4:] == [2 * layers] * 4
     assert budgets[2] < 4 * layers and budgets == sorted(budgets, reverse=True)
     assert masked[-1] >= 2 * layers and len(set(masked)) > 2  # masks taken, then undone by the steps
+    assert tracked[:10] == [3 * layers] * 10 and tracked[10:] == [0] * 4  # EMAs, reset at the final mask
     pattern = theirs.peft_config["default"].rank_pattern
     assert {f"{n}.lora_E.default": v for n, v in allocator.rank_pattern.items()} == pattern
 
