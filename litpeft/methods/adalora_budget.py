@@ -69,8 +69,8 @@ class RankAllocator(nn.Module):
             )
         if self.tinit >= total_step - self.tfinal:
             raise LitPeftError(
-                f"AdaLoRA: tinit {self.tinit} + tfinal {self.tfinal} leave no budgeting phase in {total_step} "
-                "steps; lower them or raise total_step"
+                f"AdaLoRA: tinit {self.tinit} + tfinal {self.tfinal} leave no budgeting phase in a {total_step}-step "
+                "schedule (total_step; null: the run's steps); lower them or train longer"
             )
 
     def budget(self, step: int, total_step: int) -> tuple[int, bool]:

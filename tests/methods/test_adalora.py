@@ -194,7 +194,9 @@ def test_config_errors_are_one_line() -> None:
     with pytest.raises(ValueError, match="beta1: 1.0 is not allowed"):
         AdaLoRA(beta1=1.0)
     model = AdaLoRA(tinit=5, tfinal=5).apply(load_model("tiny:llama"))
-    with pytest.raises(LitPeftError, match="tinit 5 \\+ tfinal 5 leave no budgeting phase in 10 steps"):
+    with pytest.raises(
+        LitPeftError, match="tinit 5 \\+ tfinal 5 leave no budgeting phase in a 10-step schedule"
+    ):
         AdaLoRA(tinit=5, tfinal=5).after_optimizer_step(model, 1, 10)
     method = AdaLoRA(init_r=6, target_r=3, target_modules=["q_proj"], delta_t=4)
     assert method_from_config(method.config()).config() == method.config()
