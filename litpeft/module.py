@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,10 @@ class PeftLM(L.LightningModule):
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/token_acc", acc, batch_size=n)
+        extra = self.method.training_loss(self.model)  # e.g. AdaLoRA's regulariser
+        if extra is not None:  # each micro-batch adds its token share of it: once per optimizer step in all
+            self.log("train/method_loss", extra, batch_size=n)
+            loss = loss + extra
         return self.weigh_by_tokens(loss, n)
 
     def weigh_by_tokens(self, loss: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -261,6 +266,16 @@ class PeftLM(L.LightningModule):
             for p in group["params"]:
                 if p.grad is not None:
                     p.grad.mul_(factor)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        """The step, then the method's ``after_optimizer_step`` with the gradients still there (Lightning
+        zeroes them at the next step's start) and before any callback (a checkpoint) sees the step."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        total = self.trainer.estimated_stepping_batches  # inf when the run has no bound
+        total = int(total) if math.isfinite(total) else 0
+        self.method.after_optimizer_step(self.model, self.trainer.global_step + 1, total)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """A quantized base on the CPU: give the heap back after each step (see :mod:`litpeft.heap`).
@@ -322,6 +337,12 @@ class PeftLM(L.LightningModule):
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
         checkpoint["litpeft"] = {"model": self.model_spec, "method": self.method.config()}
+        if method_state := self.method.training_state(self.model):
+            checkpoint["litpeft"]["method_state"] = method_state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if method_state := checkpoint.get("litpeft", {}).get("method_state"):
+            self.method.load_training_state(self.model, method_state)
 
     def on_fit_end(self) -> None:
         if was_preempted(self.trainer):

@@ -53,6 +53,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "vera": ("vera", {}),
     "loha": ("loha", {}),
     "lokr": ("lokr", {}),
+    "adalora": ("adalora", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -146,6 +147,22 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
         }
     if method == "lokr":
         return "LoKrConfig", dict(args)  # the same field names
+    if method == "adalora":
+        return "AdaLoraConfig", {
+            "init_r": args["init_r"],
+            "target_r": args["target_r"],
+            "lora_alpha": args["alpha"],
+            "lora_dropout": args["dropout"],
+            "target_modules": args["target_modules"],
+            "tinit": args["tinit"],
+            "tfinal": args["tfinal"],
+            "deltaT": args["delta_t"],
+            "beta1": args["beta1"],
+            "beta2": args["beta2"],
+            "orth_reg_weight": args["orth_reg_weight"],
+            # null: the run's steps (run_peft sets them); peft's config wants a valid schedule here already
+            "total_step": args["total_step"] or args["tinit"] + args["tfinal"] + 1,
+        }
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {
             "adapter_len": args["adapter_len"],
@@ -237,6 +254,8 @@ def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) ->
 
     counterpart = peft_counterpart(method, cfg["method"]["init_args"])
     assert counterpart is not None
+    if method == "adalora" and cfg["method"]["init_args"]["total_step"] is None:
+        counterpart[1]["total_step"] = steps  # litpeft's null: the trainer's number of steps
     dm = datamodule(SMOLLM2, "demo")
     data = []
     for batch in dm.train_dataloader():
@@ -249,7 +268,7 @@ def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) ->
     sched = build_lr_scheduler(opt, cfg["lr_scheduler"], _Steps(steps)) if cfg["lr_scheduler"] else None
     losses = []
     t0 = time.perf_counter()
-    for batch in data:
+    for step, batch in enumerate(data, 1):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed"):
             loss = model(**batch).loss
         loss.backward()
@@ -258,6 +277,8 @@ def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) ->
         opt.step()
         if sched is not None:
             sched.step()
+        if method == "adalora":  # after the step, before zero_grad (peft's order); steps count from 1
+            model.base_model.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     train_s = time.perf_counter() - t0

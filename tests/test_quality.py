@@ -34,6 +34,7 @@ PEFT_HAS = {
     "vera",
     "loha",
     "lokr",
+    "adalora",
 }
 
 

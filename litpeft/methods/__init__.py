@@ -5,6 +5,7 @@ Shared mechanisms: ``base`` (the interface), ``layout`` (where things are in a m
 ``attention`` (the attention function and its slots), ``virtual_tokens`` (soft prompts at the input).
 """
 
+from litpeft.methods.adalora import AdaLoRA, SVDLinear
 from litpeft.methods.base import METHODS, PeftLayer, PeftMethod, adapters_disabled, method_from_config
 from litpeft.methods.bitfit import BitFit
 from litpeft.methods.bottleneck import HoulsbyAdapter
@@ -20,6 +21,7 @@ from litpeft.methods.vera import VeRA, VeRALinear
 
 __all__ = [
     "METHODS",
+    "AdaLoRA",
     "BitFit",
     "LlamaAdapter",
     "LlamaAdapterV2",
@@ -39,6 +41,7 @@ __all__ = [
     "PeftMethod",
     "PrefixTuning",
     "PTuningV2",
+    "SVDLinear",
     "VeRA",
     "VeRALinear",
     "adapters_disabled",

@@ -141,6 +141,22 @@ class PeftMethod:
         refuse(self.peft_refusal())
         raise NotImplementedError(f"{type(self).__name__} declares exportable_to_peft but has no to_peft()")
 
+    # -- training hooks (PeftLM calls them; the defaults do nothing) ------------------------------------
+    def training_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to each training step's loss (e.g. AdaLoRA's orthogonality regulariser), or None."""
+        return None
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after optimizer step ``step`` (1-based) of ``total_steps`` (the trainer's estimate; 0: no
+        bound), the gradients still there."""
+
+    def training_state(self, model: nn.Module) -> dict[str, Any]:
+        """State :meth:`after_optimizer_step` keeps across steps, saved in every checkpoint ({}: none)."""
+        return {}
+
+    def load_training_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Restore what :meth:`training_state` returned (a resumed run continues as the uninterrupted one)."""
+
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The tensors that make up the trained adapter (default: every trainable parameter)."""
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

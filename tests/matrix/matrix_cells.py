@@ -67,6 +67,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "vera": ("vera", {}),
     "loha": ("loha", {}),
     "lokr": ("lokr", {}),
+    "adalora": ("adalora", {"tinit": 0, "tfinal": 1}),  # the config's schedule is longer than STEPS
 }
 FAMILIES = (
     "llama",
