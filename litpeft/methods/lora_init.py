@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from litpeft.errors import LitPeftError
 from litpeft.quantize import QuantizedLinear, plain_layer
 
 if TYPE_CHECKING:

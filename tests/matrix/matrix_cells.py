@@ -65,6 +65,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
+    "pissa": ("lora", {"init": "pissa"}),
+    "loftq": ("lora", {"init": "loftq", "loftq_iter": 2}),
 }
 FAMILIES = (
     "llama",
