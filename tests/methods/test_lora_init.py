@@ -24,6 +24,7 @@ from litpeft.methods import LoRA, LoRALinear
 from litpeft.methods.lora_init import NITER_SEED
 from litpeft.models import load_model
 from litpeft.quantize import QuantizedLinear
+from litpeft.serve.models import ServeSpec, load_served
 
 
 def _peft_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,12 +128,17 @@ def test_trained_adapter_loads_exports_and_merges_on_the_original_base(
     torch.testing.assert_close(logits(theirs, token_ids()), trained, rtol=1e-5, atol=1e-5)
 
 
-def test_loading_reads_the_stored_offsets_without_decomposing(tmp_path, monkeypatch) -> None:
-    """Loading rebuilds the base from the stored offsets: no SVD runs."""
-    _trained_adapter(tmp_path, "tiny:llama", LoRA(r=4, init="pissa"))
+def test_loading_and_serving_rebuild_the_base_from_the_stored_offsets(tmp_path, monkeypatch) -> None:
+    """Loading rebuilds the base from the stored offsets (no SVD runs); ``litpeft serve``, whose adapters
+    share the base's tensors, serves the adapter and leaves the base it shares untouched."""
+    _, trained = _trained_adapter(tmp_path, "tiny:llama", LoRA(r=4, init="pissa"))
     monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: pytest.fail("SVD at load"))
     loaded, _, _, _ = load_adapter(tmp_path / "adapter")
     assert loaded.model.layers[0].self_attn.q_proj.base_offset is not None
+    served = load_served(ServeSpec("tiny:llama", "base", {"a": str(tmp_path / "adapter")}), "cpu")
+    torch.testing.assert_close(logits(served["a"].model, token_ids()), trained, rtol=1e-5, atol=1e-5)
+    plain = logits(load_model("tiny:llama"), token_ids())
+    torch.testing.assert_close(logits(served["base"].model, token_ids()), plain, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
