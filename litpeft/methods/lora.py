@@ -322,8 +322,8 @@ class LoRA(PeftMethod):
         differ = [k for k, v in held.items() if k in state and not torch.equal(state[k].to(v.device), v)]
         if differ:
             raise LitPeftError(
-                f"adapter's base offsets ({differ[0]}, ...) are not the ones this model was built with; "
-                "load it with litpeft (generate/merge/export), which rebuilds the base from them"
+                f"the adapter's base offsets ({differ[0]}, ...) differ from the ones this model's base was "
+                f"rewritten with by init '{self.init}' (another base, or recomputed on other hardware)"
             )
         super().load_adapter_state_dict(model, state)
 

@@ -49,23 +49,27 @@ def _peft_config(init: str, loftq_iter: int, **kwargs: object) -> LoraConfig:
 
 
 @pytest.mark.parametrize(
-    "arch, init, loftq_iter",
+    "arch, init, loftq_iter, dora",
     [
-        ("llama", "pissa", 1),
-        ("gpt2", "pissa", 1),
-        ("qwen2", "pissa_niter_2", 1),
-        ("llama", "olora", 1),
-        ("llama", "loftq", 1),
-        ("qwen2", "loftq", 3),
+        ("llama", "pissa", 1, False),
+        ("gpt2", "pissa", 1, False),
+        ("qwen2", "pissa_niter_2", 1, False),
+        ("llama", "olora", 1, False),
+        ("llama", "olora", 1, True),
+        ("llama", "loftq", 1, False),
+        ("qwen2", "loftq", 3, False),
     ],
 )
 def test_a_b_and_base_weight_equal_peft(
-    monkeypatch: pytest.MonkeyPatch, arch: str, init: str, loftq_iter: int
+    monkeypatch: pytest.MonkeyPatch, arch: str, init: str, loftq_iter: int, dora: bool
 ) -> None:
+    """Also DoRA's magnitude, ``||W_base + s B A||`` (not the rewritten base's norms)."""
     _peft_on_cpu(monkeypatch)
     base = load_model(f"tiny:{arch}")
-    ours = LoRA(r=4, alpha=8, init=init, loftq_iter=loftq_iter).apply(copy.deepcopy(base)).eval()
-    theirs = get_peft_model(copy.deepcopy(base), _peft_config(init, loftq_iter, r=4, lora_alpha=8)).eval()
+    method = LoRA(r=4, alpha=8, init=init, loftq_iter=loftq_iter, use_dora=dora)
+    ours = method.apply(copy.deepcopy(base)).eval()
+    config = _peft_config(init, loftq_iter, r=4, lora_alpha=8, use_dora=dora)
+    theirs = get_peft_model(copy.deepcopy(base), config).eval()
     peft_layers = dict(theirs.base_model.model.named_modules())
     layers = [(n, m) for n, m in ours.named_modules() if isinstance(m, LoRALinear)]
     assert layers
@@ -77,6 +81,9 @@ def test_a_b_and_base_weight_equal_peft(
             (layer.base_layer.weight, other.base_layer.weight),  # LoftQ's: nf4 codes, dequantized
         ]:
             torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5, msg=name)
+        if dora:
+            magnitude = other.lora_magnitude_vector["default"].weight
+            torch.testing.assert_close(layer.lora_magnitude_vector, magnitude, rtol=1e-5, atol=1e-5)
         assert isinstance(layer.base_layer, QuantizedLinear) == (init == "loftq")
     x = token_ids()
     torch.testing.assert_close(logits(ours, x), logits(theirs, x), rtol=1e-5, atol=1e-5)
