@@ -162,7 +162,7 @@ def load_adapter(
         )
         quantize_model(base, meta["quantize"])
     method = method_from_config(meta["method"])
-    method.apply(base)
+    method.apply(base, saved=weights)
     method.load_adapter_state_dict(base, weights)
     base.eval()
     style = get_style(meta.get("prompt_style") or "auto", tokenizer)

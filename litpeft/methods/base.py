@@ -164,8 +164,9 @@ class PeftMethod:
     def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`adapter_state_dict` returned into a model this method was applied to."""
         own = dict(model.named_parameters())
-        missing = sorted(set(self.adapter_state_dict(model)) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        expected = set(self.adapter_state_dict(model))
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - set(own) - expected)
         if missing or unexpected:
             raise LitPeftError(
                 f"adapter does not fit the model: {len(missing)} missing tensors (e.g. {missing[:2]}), "
@@ -173,6 +174,8 @@ class PeftMethod:
             )
         with torch.no_grad():
             for k, v in state.items():
+                if k not in own:  # a saved tensor that is no parameter (the method read it at apply)
+                    continue
                 if own[k].shape != v.shape:
                     raise LitPeftError(
                         f"adapter tensor {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}"
@@ -180,8 +183,12 @@ class PeftMethod:
                 own[k].copy_(v)
 
     # -- shared behaviour ---------------------------------------------------------------------------
-    def apply(self, model: PreTrainedModel) -> PreTrainedModel:
-        """Freeze the base, inject the method, and return the model (changed in place)."""
+    def apply(self, model: PreTrainedModel, saved: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
+        """Freeze the base, inject the method, and return the model (changed in place).
+
+        ``saved``: the adapter's tensors when one is being loaded, for a method whose injection depends on
+        them (LoRA's PiSSA/OLoRA/LoftQ inits rebuild the base from them); the others ignore it.
+        """
         model.requires_grad_(False)
         check_family(self, model)  # one line when the method cannot work on this model family
         self.inject(model)

@@ -15,7 +15,8 @@ With dropout, DoRA trains peft's function: the dropped input feeds the magnitude
 :meth:`LoRALinear.merge` / :meth:`LoRALinear.unmerge` fold the update into the base weight in place and
 back; :meth:`LoRA.merge` (``litpeft merge``) uses it.
 
-QLoRA (Dettmers et al. 2023) is this method on a quantized base (``model.quantize``). Layers hold
+``init`` also takes PiSSA, OLoRA and LoftQ, which start ``A``, ``B`` from the base weight and rewrite the
+base (:mod:`litpeft.methods.lora_init`). QLoRA (Dettmers et al. 2023) is this method on a quantized base (``model.quantize``). Layers hold
 ``lora_A`` / ``lora_B`` as ``nn.Linear`` and the wrapped layer as ``base_layer``, so parameter names
 are Hugging Face peft's and export is a rename of the prefix only.
 """
@@ -32,6 +33,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
+from litpeft.methods import lora_init
 from litpeft.methods.base import (
     Dropout,
     PeftLayer,
@@ -40,6 +42,7 @@ from litpeft.methods.base import (
     check_arg,
     check_target_modules,
     find_targets,
+    refuse,
     replace_module,
 )
 from litpeft.quantize import plain_layer
@@ -58,6 +61,8 @@ class LoRALinear(nn.Module, PeftLayer):
         use_rslora: bool = False,
         use_dora: bool = False,
         init: str = "kaiming",
+        loftq_iter: int = 1,
+        saved: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -72,11 +77,16 @@ class LoRALinear(nn.Module, PeftLayer):
         self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
-        self.reset_lora_parameters(init)
+        #: ``(P, Q)``: the base is the original weight minus ``P Q`` (see lora_init); None: the original
+        self.base_offset: tuple[torch.Tensor, torch.Tensor] | None = None
+        if lora_init.rewrites_base(init):
+            lora_init.initialise(self, init, loftq_iter, saved)
+        else:
+            self.reset_lora_parameters(init)
         self.lora_magnitude_vector: nn.Parameter | None = None
-        if use_dora:
+        if use_dora:  # ||W + s B A||: the base's norms when B = 0 (peft's DoRA init)
             self.lora_magnitude_vector = nn.Parameter(
-                self._column_norm(self._base_weight().float()).to(w.device)
+                self._column_norm(self._base_weight().float() + self.delta_weight()).to(w.device)
             )
 
     def fp32_base_layers(self) -> list[nn.Module]:
@@ -211,7 +221,12 @@ class LoRA(PeftMethod):
             full name (``q_proj``) is taken as that one name (see :func:`~litpeft.methods.base.find_targets`).
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
         use_dora: weight-decomposed LoRA (DoRA): adds a trainable magnitude per output feature.
-        init: ``kaiming`` (uniform, as peft) or ``gaussian`` (std 1/r) for A; B is always 0.
+        init: ``kaiming`` (uniform, as peft) or ``gaussian`` (std 1/r) for A, B = 0; or from the base weight
+            (:mod:`~litpeft.methods.lora_init`, as peft's ``init_lora_weights``): ``pissa`` (top-r SVD),
+            ``pissa_niter_K`` (randomized SVD, K iterations), ``olora`` (QR), ``loftq`` (nf4 + SVD of the
+            residual; quantizes the adapted layers itself). These rewrite the base weight; the adapter
+            stores what rebuilds it from the original one.
+        loftq_iter: LoftQ's alternating quantization/SVD steps (peft's ``LoftQConfig.loftq_iter``).
         bias: ``none``, ``lora_only`` (train the biases of adapted layers) or ``all`` (every bias).
     """
 
@@ -228,8 +243,9 @@ class LoRA(PeftMethod):
         target_modules: str | list[str] = "all-linear",
         use_rslora: bool = False,
         use_dora: bool = False,
-        init: Literal["kaiming", "gaussian"] = "kaiming",
+        init: str = "kaiming",
         bias: Literal["none", "lora_only", "all"] = "none",
+        loftq_iter: int = 1,
     ) -> None:
         check_arg(_is_int(r) and r > 0, "r", r, "LoRA's rank must be a positive integer")
         check_arg(
@@ -237,19 +253,57 @@ class LoRA(PeftMethod):
         )
         check_arg(0 <= dropout < 1, "dropout", dropout, "a dropout probability is in [0, 1)")
         check_target_modules(target_modules)
-        check_arg(init in ("kaiming", "gaussian"), "init", init, "one of: kaiming, gaussian")
+        check_arg(
+            isinstance(init, str) and lora_init.valid_init(init),
+            "init",
+            init,
+            "one of: kaiming, gaussian, pissa, pissa_niter_K (K iterations, e.g. pissa_niter_4), olora, loftq",
+        )
+        check_arg(_is_int(loftq_iter) and loftq_iter > 0, "loftq_iter", loftq_iter, "a positive integer")
         check_arg(bias in ("none", "lora_only", "all"), "bias", bias, "one of: none, lora_only, all")
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = (
             list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules
         )
         self.use_rslora, self.use_dora, self.init, self.bias = use_rslora, use_dora, init, bias
+        self.loftq_iter = loftq_iter
+        self._saved: dict[str, torch.Tensor] | None = None
+
+    def peft_refusal(self) -> str | None:
+        if self.init == "loftq":
+            return (
+                "init 'loftq' rewrites the base as nf4 codes that no LoRA on the original base expresses; "
+                "use the litpeft adapter (or litpeft merge), which rebuilds that base"
+            )
+        return super().peft_refusal()
+
+    def apply(self, model: PreTrainedModel, saved: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
+        self._saved = saved
+        try:
+            return super().apply(model)
+        finally:
+            self._saved = None
 
     def inject(self, model: PreTrainedModel) -> None:
-        for name in find_targets(model, self.target_modules, (nn.Linear, Conv1D)):
+        names = find_targets(model, self.target_modules, (nn.Linear, Conv1D))
+        if lora_init.rewrites_base(self.init):
+            for name in names:
+                refuse(lora_init.refusal(self.init, model.get_submodule(name), self.r, name))
+        for name in names:
             base = model.get_submodule(name)
+            saved = None
+            if self._saved is not None and lora_init.rewrites_base(self.init):
+                saved = lora_init.layer_offsets(self._saved, name)
             layer = LoRALinear(
-                base, self.r, self.alpha, self.dropout, self.use_rslora, self.use_dora, self.init
+                base,
+                self.r,
+                self.alpha,
+                self.dropout,
+                self.use_rslora,
+                self.use_dora,
+                self.init,
+                self.loftq_iter,
+                saved,
             )
             if self.bias == "lora_only" and base.bias is not None:
                 base.bias.requires_grad_(True)
@@ -258,6 +312,20 @@ class LoRA(PeftMethod):
             for n, p in model.named_parameters():
                 if n.endswith(".bias"):
                     p.requires_grad_(True)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained tensors and, for an init that rewrote the base, each layer's base offset."""
+        return {**super().adapter_state_dict(model), **lora_init.offsets(model)}
+
+    def load_adapter_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        held = lora_init.offsets(model)  # read from ``state`` at apply (or computed, when not loading)
+        differ = [k for k, v in held.items() if k in state and not torch.equal(state[k].to(v.device), v)]
+        if differ:
+            raise LitPeftError(
+                f"the adapter's base offsets ({differ[0]}, ...) differ from the ones this model's base was "
+                f"rewritten with by init '{self.init}' (another base, or recomputed on other hardware)"
+            )
+        super().load_adapter_state_dict(model, state)
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Fold ``s B A`` (and DoRA's magnitude) into each base weight and remove the LoRA layers."""
@@ -289,11 +357,16 @@ class LoRA(PeftMethod):
             and n.rsplit(".", 1)[-1] in short
         }
         targets = short if same_named == set(adapted) else adapted
+        r, alpha = self.r, self.alpha
+        if any(lora_init.is_offset(k) for k in state):  # a plain LoRA of rank 2r on the original base
+            layer = next(m for m in model.modules() if isinstance(m, LoRALinear))
+            state = lora_init.as_plain_lora(state, layer.scaling)
+            r, alpha = 2 * self.r, self.alpha * (math.sqrt(2) if self.use_rslora else 2)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "r": self.r,
-            "lora_alpha": self.alpha,
+            "r": r,
+            "lora_alpha": alpha,
             "lora_dropout": self.dropout,
             "target_modules": targets,
             "use_rslora": self.use_rslora,

@@ -118,9 +118,9 @@ def load_served(spec: ServeSpec, device: str) -> dict[str, LoadedModel]:
     for name, meta in metas.items():
         model = _share_base(base)
         method = method_from_config(meta["method"])
-        method.apply(model)
-        _own_trained(model, base)
         weights = read_adapter_weights(spec.adapters[name])
+        method.apply(model, saved=weights)
+        _own_trained(model, base)
         method.load_adapter_state_dict(model, weights)
         model.to(base.device).eval()
         style = get_style(spec.prompt_style or meta.get("prompt_style") or "auto", tokenizer)

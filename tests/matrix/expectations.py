@@ -14,6 +14,13 @@ REFUSALS: dict[tuple[str, str], str] = {
     },
     # (IA)^3's default l_ff names down_proj, which Qwen3-MoE's experts hold as one 3-D tensor
     ("qwen3_moe", "ia3"): "experts hold down_proj as 3-D tensors",
+    # LoRA inits that decompose a float base weight (GPT-2's Conv1D: peft decomposes it untransposed)
+    ("gpt2", "loftq"): "does not work on GPT-2's Conv1D layers",
+}
+#: method -> the phrase of its refusal on an nf4 base (model.quantize)
+NF4_REFUSALS: dict[str, str] = {
+    "pissa": "decomposes the float base weight, but the layer",
+    "loftq": "leave model.quantize null",
 }
 
 #: (family, method) -> {check: the known defect that makes it fail}; none at present (the last one, Gemma's
@@ -27,6 +34,8 @@ class KnownDefect(AssertionError):
 
 def refusal(cell: Cell) -> str | None:
     """The phrase the cell's refusal must contain; ``None``: the cell must train."""
+    if cell.quantize is not None and cell.method in NF4_REFUSALS:
+        return NF4_REFUSALS[cell.method]
     return REFUSALS.get((cell.family, cell.method))
 
 

@@ -68,6 +68,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "loha": ("loha", {}),
     "lokr": ("lokr", {}),
     "adalora": ("adalora", {"tinit": 0, "tfinal": 1}),  # the config's schedule is longer than STEPS
+    "pissa": ("lora", {"init": "pissa"}),
+    "loftq": ("lora", {"init": "loftq", "loftq_iter": 2}),
 }
 FAMILIES = (
     "llama",
