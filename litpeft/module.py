@@ -221,11 +221,18 @@ class PeftLM(L.LightningModule):
         loss, acc, n = self.loss_and_accuracy(self.without_padding_mask(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/token_acc", acc, batch_size=n)
-        extra = self.method.training_loss(self.model)  # e.g. AdaLoRA's regulariser
-        if extra is not None:  # each micro-batch adds its token share of it: once per optimizer step in all
-            self.log("train/method_loss", extra, batch_size=n)
-            loss = loss + extra
-        return self.weigh_by_tokens(loss, n)
+        return self.weigh_by_tokens(self.with_method_loss(loss, n), n)
+
+    def with_method_loss(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``loss`` plus the method's own training term (AdaLoRA's orthogonality regulariser), logged.
+
+        Added before :meth:`weigh_by_tokens`: each micro-batch adds its share, once per optimizer step in all.
+        """
+        extra = self.method.training_loss(self.model)
+        if extra is None:
+            return loss
+        self.log("train/method_loss", extra, batch_size=batch_size, sync_dist=True)
+        return loss + extra
 
     def weigh_by_tokens(self, loss: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Make an optimizer step average over all its loss tokens, as one process with one batch would.

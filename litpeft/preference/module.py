@@ -281,7 +281,8 @@ class PreferenceLM(PeftLM):
         for key, value in self.metrics(out, policy).items():
             prog = key == "rewards/accuracy"
             self.log(f"train/{key}", value, prog_bar=prog, batch_size=pairs, sync_dist=True)
-        return self.weigh_by_tokens(loss, pairs)  # every pair weighs the same across micro-batches and ranks
+        # every pair weighs the same across micro-batches and ranks
+        return self.weigh_by_tokens(self.with_method_loss(loss, pairs), pairs)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
