@@ -12,6 +12,7 @@ from litpeft.methods.ia3 import IA3, IA3Linear
 from litpeft.methods.llama_adapter import LlamaAdapter, LlamaAdapterV2
 from litpeft.methods.ln_tuning import LNTuning
 from litpeft.methods.lora import LoRA, LoRALinear
+from litpeft.methods.oft import OFT, OFTLinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
 from litpeft.methods.prompt import PromptTuning, PTuning
 from litpeft.methods.vera import VeRA, VeRALinear
@@ -27,6 +28,8 @@ __all__ = [
     "HoulsbyAdapter",
     "IA3",
     "IA3Linear",
+    "OFT",
+    "OFTLinear",
     "PromptTuning",
     "PTuning",
     "PeftLayer",
