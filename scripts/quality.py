@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
+    "oft": ("oft", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -137,6 +138,22 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
             "projection_prng_key": args["projection_prng_key"],
             "vera_dropout": args["dropout"],
             "d_initial": args["d_initial"],
+        }
+    if method == "oft":
+        return "OFTConfig", {
+            key: args[key]
+            for key in (
+                "oft_block_size",
+                "r",
+                "target_modules",
+                "module_dropout",
+                "coft",
+                "eps",
+                "block_share",
+                "use_cayley_neumann",
+                "num_cayley_neumann_terms",
+                "bias",
+            )
         }
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {

@@ -32,6 +32,7 @@ PEFT_HAS = {
     "ia3",
     "ln_tuning",
     "vera",
+    "oft",
 }
 
 

@@ -65,6 +65,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "ln_tuning": ("ln_tuning", {}),
     "bitfit": ("bitfit", {}),
     "vera": ("vera", {}),
+    "oft": ("oft", {}),
 }
 FAMILIES = (
     "llama",
