@@ -210,3 +210,19 @@ def test_config_errors_are_one_line() -> None:
         OFT(target_modules=["nope"]).apply(load_model("tiny:llama"))
     method = OFT(oft_block_size=0, r=4, target_modules=["q_proj"], coft=True, block_share=True)
     assert method_from_config(method.config()).config() == method.config()
+
+
+def test_merge_of_an_adapter_trained_on_an_nf4_base(tmp_path) -> None:
+    """``litpeft merge`` on a quantized base: plain layers holding dequantized W R^T, which
+    ``from_pretrained`` loads, with the logits of the quantized model + adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from litpeft.commands import merge as merge_command
+
+    adapter = make_adapter(tmp_path / "adapter", "tiny:llama", OFT(), scale=0.05, quantize="nf4")
+    merge_command(str(adapter), str(tmp_path / "merged"))
+    ours, _, _, _ = load_adapter(adapter)
+    merged, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    x = token_ids()
+    torch.testing.assert_close(logits(merged.eval(), x), logits(ours, x), atol=1e-4, rtol=1e-4)
