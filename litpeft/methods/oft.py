@@ -109,25 +109,26 @@ class OFTRotation(nn.Module):
         stored = 1 if method.block_share else blocks
         self.weight = nn.Parameter(torch.zeros(stored, size * (size - 1) // 2, device=device))
 
-    def rotations(self) -> torch.Tensor:
-        """The ``(blocks, b, b)`` orthogonal blocks of ``R`` (with COFT's projection written back first)."""
+    def rotations(self, dropout: bool = False) -> torch.Tensor:
+        """The ``(blocks, b, b)`` orthogonal blocks of ``R`` (with COFT's projection written back first);
+        ``dropout``: with ``module_dropout``'s identity blocks."""
         if self.coft:
             with torch.no_grad():
                 self.weight.copy_(constrained(self.weight, self.size, self.eps))
         r = cayley(self.weight, self.size, self.neumann, self.terms)
-        if self.training and self.dropout > 0 and r.shape[0] > 1:
+        if dropout and self.dropout > 0 and r.shape[0] > 1:
             dropped = torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
             dropped[torch.randperm(r.shape[0])[: int(self.dropout * r.shape[0])].to(r.device)] = True
             r = torch.where(dropped[:, None, None], torch.eye(self.size, device=r.device, dtype=r.dtype), r)
         return r.expand(self.blocks, -1, -1)
 
     def matrix(self) -> torch.Tensor:
-        """``R`` itself: ``in x in``, block diagonal."""
+        """``R`` itself (no dropout): ``in x in``, block diagonal."""
         return torch.block_diag(*self.rotations())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x R``: each block of ``size`` features of the input rotated by its block."""
-        r = self.rotations()
+        r = self.rotations(dropout=self.training)
         blocks = x.to(r.dtype).reshape(*x.shape[:-1], self.blocks, self.size)
         return torch.einsum("...rk,rkc->...rc", blocks, r).reshape(x.shape)
 

@@ -180,17 +180,23 @@ def test_module_dropout_sets_blocks_to_identity_in_training_only() -> None:
     rotation = next(m for m in model.modules() if isinstance(m, OFTLinear)).oft_R  # 8 blocks of 8
     eye = torch.eye(8)
     identity = lambda r: sum(torch.equal(b, eye) for b in r)  # noqa: E731
-    assert identity(rotation.rotations()) == 0  # eval
+    x = torch.randn(3, 64)
+    assert identity(rotation.rotations(dropout=True)) == 4  # int(0.5 * 8) blocks
+    torch.testing.assert_close(rotation(x), x @ rotation.matrix())  # eval: no dropout
     model.train()
     torch.manual_seed(0)
-    assert identity(rotation.rotations()) == 4  # int(0.5 * 8) blocks
+    y = rotation(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(y, x @ torch.block_diag(*rotation.rotations(dropout=True)))
+    assert not torch.allclose(y, x @ rotation.matrix())
+    assert identity(rotation.rotations()) == 0  # without dropout (what merge folds in), also in training
     shared = (
         OFT(oft_block_size=8, module_dropout=0.5, block_share=True).apply(load_model("tiny:llama")).train()
     )
     rotation = next(m for m in shared.modules() if isinstance(m, OFTLinear)).oft_R
     with torch.no_grad():
         rotation.weight.normal_()
-    assert identity(rotation.rotations()) == 0  # one shared block: no dropout, as in peft
+    assert identity(rotation.rotations(dropout=True)) == 0  # one shared block: no dropout, as in peft
 
 
 def test_config_errors_are_one_line() -> None:
