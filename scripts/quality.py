@@ -54,6 +54,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "loha": ("loha", {}),
     "lokr": ("lokr", {}),
     "adalora": ("adalora", {}),
+    "oft": ("oft", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
 
@@ -162,6 +163,21 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
             "orth_reg_weight": args["orth_reg_weight"],
             # null: the run's steps (run_peft sets them); peft's config wants a valid schedule here already
             "total_step": args["total_step"] or args["tinit"] + args["tfinal"] + 1,
+    if method == "oft":
+        return "OFTConfig", {
+            key: args[key]
+            for key in (
+                "oft_block_size",
+                "r",
+                "target_modules",
+                "module_dropout",
+                "coft",
+                "eps",
+                "block_share",
+                "use_cayley_neumann",
+                "num_cayley_neumann_terms",
+                "bias",
+            )
         }
     if method == "llama_adapter":
         return "AdaptionPromptConfig", {

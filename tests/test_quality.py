@@ -35,6 +35,7 @@ PEFT_HAS = {
     "loha",
     "lokr",
     "adalora",
+    "oft",
 }
 
 

@@ -15,6 +15,7 @@ from litpeft.methods.ln_tuning import LNTuning
 from litpeft.methods.loha import LoHa, LoHaLinear
 from litpeft.methods.lokr import LoKr, LoKrLinear
 from litpeft.methods.lora import LoRA, LoRALinear
+from litpeft.methods.oft import OFT, OFTLinear
 from litpeft.methods.prefix import PrefixTuning, PTuningV2
 from litpeft.methods.prompt import PromptTuning, PTuning
 from litpeft.methods.vera import VeRA, VeRALinear
@@ -35,6 +36,8 @@ __all__ = [
     "HoulsbyAdapter",
     "IA3",
     "IA3Linear",
+    "OFT",
+    "OFTLinear",
     "PromptTuning",
     "PTuning",
     "PeftLayer",

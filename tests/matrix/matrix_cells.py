@@ -70,6 +70,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adalora": ("adalora", {"tinit": 0, "tfinal": 1}),  # the config's schedule is longer than STEPS
     "pissa": ("lora", {"init": "pissa"}),
     "loftq": ("lora", {"init": "loftq", "loftq_iter": 2}),
+    "oft": ("oft", {}),
 }
 FAMILIES = (
     "llama",
