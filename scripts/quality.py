@@ -163,6 +163,7 @@ def peft_counterpart(method: str, args: dict[str, Any]) -> tuple[str, dict[str, 
             "orth_reg_weight": args["orth_reg_weight"],
             # null: the run's steps (run_peft sets them); peft's config wants a valid schedule here already
             "total_step": args["total_step"] or args["tinit"] + args["tfinal"] + 1,
+        }
     if method == "oft":
         return "OFTConfig", {
             key: args[key]
