@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/litpeft fit --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"

@@ -30,11 +30,11 @@ from jsonargparse import CLI
 
 from litpeft import export, hub, inference
 from litpeft.adapter_dir import read_adapter_config, read_adapter_weights, write_adapter
-from litpeft.data.prompts import Message, style_name
+from litpeft.data.prompts import Message
 from litpeft.data.readers import HUB_DATASET_FILES
 from litpeft.deprecation import moved_names
 from litpeft.errors import LitPeftError, parse_error_line
-from litpeft.evaluation import generation_metrics, token_metrics
+from litpeft.evaluation import evaluate_conversations
 from litpeft.files import atomic_path, check_output_file, check_writable, write_jsonl
 from litpeft.inference import (
     Dtype,
@@ -240,31 +240,15 @@ def evaluate(
     loaded = load_for_inference(
         adapter, model, dtype, device, prompt_style, trust_remote_code, allow_other_base
     )
-    conversations = [m for _, m in rows]
-    summary: dict[str, Any] = {
-        "data": str(data),
-        "samples": len(rows),
-        "adapter": loaded.adapter,
-        "base_model": loaded.base,
-        "method": loaded.method.config() if loaded.method is not None else None,
-        "prompt_style": style_name(loaded.style),
-    }
-    summary.update(
-        token_metrics(loaded.model, loaded.tokenizer, loaded.style, conversations, max_seq_length, batch_size)
+    summary, preds, refs = evaluate_conversations(
+        loaded, [m for _, m in rows], max_seq_length, batch_size, generation, max_new_tokens
     )
-    if generation:
-        metrics, preds, refs = generation_metrics(
-            loaded, conversations, max_new_tokens, batch_size, progress=True
-        )
-        summary.update(metrics, max_new_tokens=max_new_tokens)
-        if predictions:
-            write_jsonl(
-                predictions,
-                [
-                    {**row, "generated": p, "reference": r}
-                    for (row, _), p, r in zip(rows, preds, refs, strict=True)
-                ],
-            )
+    summary = {"data": str(data), **summary}
+    if predictions and generation:
+        rows_out = [
+            {**row, "generated": p, "reference": r} for (row, _), p, r in zip(rows, preds, refs, strict=True)
+        ]
+        write_jsonl(predictions, rows_out)
     text = json.dumps(summary, indent=2)
     print(text)
     if output_path is not None:

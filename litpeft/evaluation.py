@@ -13,7 +13,7 @@ from torchmetrics.text.rouge import ROUGEScore  # ROUGE-L needs neither nltk nor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from litpeft.data.collate import encode, pad_batch
-from litpeft.data.prompts import Message, PromptStyle
+from litpeft.data.prompts import Message, PromptStyle, style_name
 from litpeft.errors import LitPeftError
 from litpeft.inference import LoadedModel, generate, split_for_generation
 from litpeft.loss import IGNORE_INDEX, answer_logits, token_loss
@@ -99,6 +99,36 @@ def generation_metrics(
     preds = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens, batch_size, progress=progress)
     metrics = {"exact_match": exact_match(preds, references), "rougeL": rouge_l(preds, references)}
     return metrics, preds, references
+
+
+def evaluate_conversations(
+    loaded: LoadedModel,
+    conversations: Sequence[list[Message]],
+    max_seq_length: int = 1024,
+    batch_size: int = 8,
+    generation: bool = True,
+    max_new_tokens: int = 128,
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """``litpeft evaluate --data``: what was evaluated, :func:`token_metrics` and (``generation``)
+    :func:`generation_metrics`, as ``(summary, predictions, references)``."""
+    summary: dict[str, Any] = {
+        "samples": len(conversations),
+        "adapter": loaded.adapter,
+        "base_model": loaded.base,
+        "method": loaded.method.config() if loaded.method is not None else None,
+        "prompt_style": style_name(loaded.style),
+    }
+    tokenizer = loaded.tokenizer
+    summary.update(
+        token_metrics(loaded.model, tokenizer, loaded.style, conversations, max_seq_length, batch_size)
+    )
+    if not generation:
+        return summary, [], []
+    metrics, preds, refs = generation_metrics(
+        loaded, conversations, max_new_tokens, batch_size, progress=True
+    )
+    summary.update(metrics, max_new_tokens=max_new_tokens)
+    return summary, preds, refs
 
 
 # -- during training --------------------------------------------------------------------------------
