@@ -139,6 +139,14 @@ def test_every_method_under_fsdp_equals_one_process(runs: Path, method: str) -> 
 
 
 @pytest.mark.slow
+def test_adalora_refuses_fsdp_in_one_line_on_every_rank(runs: Path) -> None:
+    errors = [(runs / "fsdp_adalora" / f"error{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1]
+    assert "\n" not in errors[0] and "DDP, not FSDP" in errors[0]
+    assert not (runs / "fsdp_adalora" / "adapter").exists()
+
+
+@pytest.mark.slow
 def test_fsdp_resume_continues_exactly(runs: Path) -> None:
     assert_same_adapter(adapter(runs, "fsdp_resumed"), adapter(runs, "fsdp"), atol=0)
 
