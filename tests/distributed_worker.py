@@ -11,7 +11,9 @@ Lightning starts the second process by running this script again. In one launch 
   per rank, a checkpoint every 2 steps;
 - ``fsdp_resumed``: the same run resumed from its step-2 checkpoint;
 - ``fsdp_int8``: LoRA on an int8 base under PeftFSDPStrategy, 2 steps, adapter to the default place;
-- ``fsdp_<method>``: every other method (``METHODS``) under PeftFSDPStrategy, 2 steps.
+- ``fsdp_<method>``: every other method (``METHODS``) under PeftFSDPStrategy, 2 steps;
+- ``fsdp_adalora``: AdaLoRA under PeftFSDPStrategy, which it refuses: each rank writes the error it got
+  to OUT/fsdp_adalora/error<rank>.txt.
 
 Each writes its adapter to OUT/<name>/adapter (the log dir without a logger is OUT/<name>).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,16 +34,25 @@ sys.path.insert(0, str(ROOT))
 
 from litpeft.data import InstructionDataModule  # noqa: E402
 from litpeft.distributed import PeftFSDPStrategy  # noqa: E402
+from litpeft.errors import LitPeftError  # noqa: E402
 from litpeft.methods import (  # noqa: E402
+    IA3,
+    OFT,
+    AdaLoRA,
+    BitFit,
     HoulsbyAdapter,
     LlamaAdapter,
     LlamaAdapterV2,
+    LNTuning,
+    LoHa,
+    LoKr,
     LoRA,
     PeftMethod,
     PrefixTuning,
     PromptTuning,
     PTuning,
     PTuningV2,
+    VeRA,
 )
 from litpeft.module import PeftLM  # noqa: E402
 
@@ -56,7 +68,22 @@ METHODS: dict[str, Callable[[], PeftMethod]] = {
     "houlsby": lambda: HoulsbyAdapter(bottleneck_size=8, init="zero_up"),
     "llama_adapter": lambda: LlamaAdapter(adapter_len=3, adapter_layers=2),
     "llama_adapter_v2": lambda: LlamaAdapterV2(adapter_len=3, adapter_layers=2),
+    "ia3": IA3,
+    "ln_tuning": LNTuning,
+    "bitfit": lambda: BitFit(add_missing_biases=True),
+    "vera": lambda: VeRA(r=8),
+    "loha": lambda: LoHa(r=2, alpha=4),
+    "lokr": lambda: LoKr(r=2, alpha=4),
+    "oft": lambda: OFT(oft_block_size=8),
+    # only rank 0 decomposes the base weight; the other ranks receive the rewritten base and A, B
+    "lora_pissa": lambda: LoRA(r=4, alpha=8, init="pissa"),
+    "lora_olora": lambda: LoRA(r=4, alpha=8, init="olora"),
+    "loraplus": lambda: LoRA(r=4, alpha=8),
 }
+#: Methods that refuse FSDP: not in ``METHODS``, run only to see the refusal.
+REFUSED = {"adalora": lambda: AdaLoRA(init_r=4, target_r=2)}
+#: PeftLM arguments of a run of ``METHODS`` besides the method itself.
+MODULE_KWARGS: dict[str, dict[str, Any]] = {"loraplus": {"loraplus_lr_ratio": 4.0}}
 
 
 def fit(
@@ -84,12 +111,12 @@ def fit(
     L.seed_everything(0)
     module = module_class(
         "tiny:llama",
-        method=METHODS[method](),
+        method={**METHODS, **REFUSED}[method](),
         quantize=quantize,
         gradient_checkpointing=gradient_checkpointing,
         # None: the default <log_dir>/adapter, which asks every rank for trainer.log_dir (a broadcast)
         adapter_dir=str(out / name / "adapter") if adapter_dir else None,
-        **module_kwargs,
+        **{**MODULE_KWARGS.get(method, {}), **module_kwargs},
     )
     module.optimizer_init = {"class_path": "torch.optim.AdamW", "init_args": {"lr": LR, "weight_decay": 0.0}}
     data = data_class(
@@ -135,6 +162,11 @@ def main(out: Path) -> None:
     for name in METHODS:
         if name != "lora":
             fit(out, f"fsdp_{name}", PeftFSDPStrategy(), 2, 2, 2, method=name)
+    try:  # last: a failed fit leaves the process group as it was, but nothing else needs it
+        fit(out, "fsdp_adalora", PeftFSDPStrategy(), 2, 2, 2, method="adalora")
+    except LitPeftError as e:
+        (out / "fsdp_adalora").mkdir(exist_ok=True)
+        (out / "fsdp_adalora" / f"error{dist.get_rank()}.txt").write_text(str(e))
 
 
 if __name__ == "__main__":

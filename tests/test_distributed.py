@@ -28,7 +28,7 @@ from litpeft.models import load_model, tiny_tokenizer
 from litpeft.module import PeftLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed_worker import METHODS, fit  # noqa: E402
+from distributed_worker import METHODS, MODULE_KWARGS, fit  # noqa: E402
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
@@ -136,6 +136,32 @@ def test_int8_base_shards_under_fsdp(runs: Path) -> None:
 def test_every_method_under_fsdp_equals_one_process(runs: Path, method: str) -> None:
     single = adapter(runs, f"single_{method}")
     assert_same_adapter(adapter(runs, f"fsdp_{method}"), single, atol=2e-4)
+    L.seed_everything(0)  # the runs' initial adapter: training moved it (else the comparison proves little)
+    module = PeftLM("tiny:llama", method=METHODS[method](), **MODULE_KWARGS.get(method, {}))
+    module.configure_model()
+    initial = module.method.adapter_state_dict(module.model)
+    assert initial.keys() == single.keys()
+    assert any(not torch.equal(initial[k], single[k]) for k in single)
+
+
+@pytest.mark.slow
+def test_loraplus_under_fsdp_scales_b_learning_rate(runs: Path) -> None:
+    """From the same init, AdamW moves each tensor by about its learning rate per step (``m / sqrt(v)`` is
+    +-1 at the first step): LoRA+ with ratio 4 leaves B about 4 times LoRA's (B starts at 0), A about alike."""
+    plus, lora = adapter(runs, "fsdp_loraplus"), adapter(runs, "single_lora")
+    assert plus.keys() == lora.keys()
+    for k in plus:
+        ratio = (plus[k].abs().max() / lora[k].abs().max()).item()
+        low, high = (3, 5) if "lora_B" in k else (0.8, 1.25)
+        assert low < ratio < high, (k, ratio)
+
+
+@pytest.mark.slow
+def test_adalora_refuses_fsdp_in_one_line_on_every_rank(runs: Path) -> None:
+    errors = [(runs / "fsdp_adalora" / f"error{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1]
+    assert "\n" not in errors[0] and "DDP, not FSDP" in errors[0]
+    assert not (runs / "fsdp_adalora" / "adapter").exists()
 
 
 @pytest.mark.slow

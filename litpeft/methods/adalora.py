@@ -172,6 +172,8 @@ class AdaLoRA(PeftMethod):
     # -- training: the regulariser, the budget ---------------------------------------------------------
     def training_loss(self, model: nn.Module) -> torch.Tensor | None:
         """``orth_reg_weight * R(P, Q)`` (eq. 4, as peft: the mean Frobenius norm of ``Q Q^T - I``, ``P^T P - I``)."""
+        # refuse FSDP at the first training step, before R fails on sharded tensors with a traceback
+        attached(model, SLOT).check_whole_tensors()
         if self.orth_reg_weight == 0:
             return None
         norms = []

@@ -58,11 +58,14 @@ class RankAllocator(nn.Module):
     def _params(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"{n}.{f}", getattr(layer, f)) for n, layer in self.layers.items() for f in FACTORS]
 
-    def check_schedule(self, total_step: int) -> None:
+    def check_whole_tensors(self) -> None:
         if any(isinstance(p, DTensor) for _, p in self._params()):
             raise LitPeftError(
                 "AdaLoRA ranks singular values over whole tensors: train it with DDP, not FSDP (sharded tensors)"
             )
+
+    def check_schedule(self, total_step: int) -> None:
+        self.check_whole_tensors()
         if total_step <= 0:
             raise LitPeftError(
                 "AdaLoRA needs total_step: this run has no step bound (set max_steps or total_step)"

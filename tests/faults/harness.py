@@ -41,7 +41,40 @@ METHODS: dict[str, dict[str, Any]] = {
     "houlsby": {"class_path": "litpeft.methods.HoulsbyAdapter"},
     "llama_adapter": {"class_path": "litpeft.methods.LlamaAdapter"},
     "llama_adapter_v2": {"class_path": "litpeft.methods.LlamaAdapterV2"},
+    "ia3": {"class_path": "litpeft.methods.IA3"},
+    "ln_tuning": {"class_path": "litpeft.methods.LNTuning"},
+    "bitfit": {"class_path": "litpeft.methods.BitFit", "init_args": {"add_missing_biases": True}},
+    "vera": {"class_path": "litpeft.methods.VeRA", "init_args": {"r": 8, "dropout": 0.05}},
+    "loha": {
+        "class_path": "litpeft.methods.LoHa",
+        "init_args": {"r": 2, "rank_dropout": 0.1, "module_dropout": 0.1},
+    },
+    "lokr": {
+        "class_path": "litpeft.methods.LoKr",
+        "init_args": {"r": 2, "rank_dropout": 0.1, "module_dropout": 0.1},
+    },
+    # r: 0 explicitly: jsonargparse keeps the default LoRA's r (8) when the command line switches class
+    "oft": {
+        "class_path": "litpeft.methods.OFT",
+        "init_args": {"oft_block_size": 8, "r": 0, "module_dropout": 0.1},
+    },
+    # the rank budget schedule over the run's 12 steps: its importance EMAs and mask resume too
+    "adalora": {
+        "class_path": "litpeft.methods.AdaLoRA",
+        "init_args": {"init_r": 4, "target_r": 2, "dropout": 0.05},
+    },
+    "lora_pissa": {
+        "class_path": "litpeft.methods.LoRA",
+        "init_args": {"r": 4, "dropout": 0.05, "init": "pissa"},
+    },
+    "lora_olora": {
+        "class_path": "litpeft.methods.LoRA",
+        "init_args": {"r": 4, "dropout": 0.05, "init": "olora"},
+    },
+    "loraplus": {"class_path": "litpeft.methods.LoRA", "init_args": {"r": 4, "dropout": 0.05}},
 }
+#: PeftLM options of a method's run besides the method itself (LoRA+ is an optimizer option)
+MODEL_ARGS: dict[str, list[str]] = {"loraplus": ["--model.init_args.loraplus_lr_ratio", "4"]}
 
 
 class Zygote:
@@ -106,6 +139,7 @@ class Run:
             "--model.init_args.adapter_dir", str(self.adapter),
             "--data.init_args.train_file", str(self.data),
             "--trainer.default_root_dir", str(self.root),
+            *MODEL_ARGS.get(self.method, []),
         ]  # fmt: skip
         return argv + (["--ckpt_path", "last"] if resume else [])
 
