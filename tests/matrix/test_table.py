@@ -77,3 +77,17 @@ def test_a_rerun_replaces_its_cells_rows(tmp_path: Path) -> None:
     rerun.write_text(json.dumps(_row("gpt_neox", "prefix_tuning")) + "\n")
     rows = script.merged_rows([full, rerun])
     assert sorted((r["family"], r["refused"]) for r in rows) == [("gpt_neox", None), ("llama", None)]
+
+
+def test_every_matrix_method_has_a_row_name() -> None:
+    """A method added to the matrix appears in the README table (the script refuses an unnamed one)."""
+    from matrix_cells import METHODS
+
+    assert set(METHODS) <= set(_script().METHOD_NAMES)
+
+
+def test_a_pair_refused_only_on_one_base_shows_both() -> None:
+    script = _script()
+    nf4 = {**_row("llama3", "pissa", refused="pissa: initialise on a float base"), "base": "nf4"}
+    text = script.table([_row("llama3", "pissa"), nf4, _row("llama", "pissa")])
+    assert "| LoRA, PiSSA init | ok | ok; nf4 base refused [1] |" in text
