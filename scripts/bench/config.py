@@ -66,6 +66,39 @@ METHODS: dict[str, dict[str, Any]] = {
         "litpeft": {"class_path": "houlsby", "init_args": {"bottleneck_size": 64}},
         "peft": None,
     },
+    # the later methods at their shipped configs' settings (peft's defaults where the configs take them)
+    "ia3": {"litpeft": {"class_path": "ia3"}, "peft": ("IA3Config", {})},
+    "ln_tuning": {"litpeft": {"class_path": "ln_tuning"}, "peft": ("LNTuningConfig", {})},
+    "bitfit": {"litpeft": {"class_path": "bitfit", "init_args": {"add_missing_biases": True}}, "peft": None},
+    "vera": {
+        "litpeft": {"class_path": "vera", "init_args": {"r": 256}},
+        "peft": ("VeraConfig", {"r": 256, "target_modules": "all-linear"}),
+    },
+    "loha": {
+        "litpeft": {"class_path": "loha", "init_args": {"r": 8, "alpha": 8.0}},
+        "peft": ("LoHaConfig", {"r": 8, "alpha": 8, "target_modules": "all-linear"}),
+    },
+    "lokr": {
+        "litpeft": {"class_path": "lokr", "init_args": {"r": 8, "alpha": 8.0}},
+        "peft": ("LoKrConfig", {"r": 8, "alpha": 8, "target_modules": "all-linear"}),
+    },
+    "oft": {
+        "litpeft": {"class_path": "oft", "init_args": {"oft_block_size": 32, "r": 0}},
+        "peft": ("OFTConfig", {"oft_block_size": 32, "r": 0, "target_modules": "all-linear"}),
+    },
+    "adalora": {  # the allocator's masking is not part of a step's time on either side
+        "litpeft": {"class_path": "adalora", "init_args": {"init_r": 12, "target_r": 8, "total_step": 1000}},
+        "peft": (
+            "AdaLoraConfig",
+            {
+                "init_r": 12,
+                "target_r": 8,
+                "lora_alpha": 8,
+                "total_step": 1000,
+                "target_modules": "all-linear",
+            },
+        ),
+    },
 }
 
 # A config-built Llama of about 0.5B parameters with random weights: a larger shape than SmolLM2-135M.
