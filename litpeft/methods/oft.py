@@ -44,8 +44,7 @@ from litpeft.methods.base import (
     peft_target_names,
     replace_module,
 )
-from litpeft.methods.ia3 import in_out_features, layer_device, out_in_weight
-from litpeft.quantize import plain_layer
+from litpeft.methods.linear import in_out_features, layer_device, out_in_weight, with_weight
 
 log = logging.getLogger(__name__)
 PEFT_VERSION = "0.21.2"  # the peft whose OFT this is (0.18 changed the Neumann series; its loader checks)
@@ -153,11 +152,7 @@ class OFTLinear(nn.Module, PeftLayer):
         """The base layer with ``W R^T`` as its weight: in place for a float ``nn.Linear`` / ``Conv1D``, else
         (a quantized base) a plain layer of the same kind."""
         base = self.base_layer
-        weight = out_in_weight(base).float() @ self.oft_R.matrix().float().T
-        if type(base) not in (nn.Linear, Conv1D) or not base.weight.is_floating_point():
-            return plain_layer(base, weight, getattr(base, "bias", None))
-        base.weight.copy_(weight.T if isinstance(base, Conv1D) else weight)
-        return base
+        return with_weight(base, out_in_weight(base).float() @ self.oft_R.matrix().float().T)
 
 
 class OFT(PeftMethod):
