@@ -34,6 +34,7 @@ from litpeft.methods.base import (
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
@@ -183,10 +184,8 @@ class AdaLoRA(PeftMethod):
     # -- after training --------------------------------------------------------------------------------
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Add each layer's ``P Lambda Q`` to its weight; remove the AdaLoRA layers and the allocator."""
-        for name, module in svd_layers(model).items():
-            replace_module(model, name, module.merged())
+        merge_layers(model, SVDLinear)
         detach(model, SLOT)
-        model.requires_grad_(False)
         return model
 
     def to_peft(

@@ -29,6 +29,7 @@ from litpeft.methods.base import (
     PeftMethod,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
@@ -157,11 +158,7 @@ class IA3(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Fold every ``l`` into its base layer and remove the (IA)^3 layers."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, IA3Linear):
-                replace_module(model, name, module.merged())
-        model.requires_grad_(False)
-        return model
+        return merge_layers(model, IA3Linear)
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]

@@ -28,6 +28,7 @@ from litpeft.methods.base import (
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
@@ -133,11 +134,7 @@ class LycorisMethod(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Add each layer's ``Delta W`` to its base weight and remove the method's layers."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, self.layer):
-                replace_module(model, name, module.merged())
-        model.requires_grad_(False)
-        return model
+        return merge_layers(model, self.layer)
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]

@@ -41,6 +41,7 @@ from litpeft.methods.base import (
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
@@ -248,11 +249,7 @@ class OFT(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Replace each adapted weight ``W`` by ``W R^T``; remove the OFT layers."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, OFTLinear):
-                replace_module(model, name, module.merged())
-        model.requires_grad_(False)
-        return model
+        return merge_layers(model, OFTLinear)
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]

@@ -32,6 +32,7 @@ from litpeft.methods.base import (
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
@@ -147,11 +148,8 @@ class VeRA(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Add each layer's ``Lambda_b B Lambda_d A`` to its weight; remove the VeRA layers and matrices."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, VeRALinear):
-                replace_module(model, name, module.merged())
+        merge_layers(model, VeRALinear)
         detach(model, SLOT)
-        model.requires_grad_(False)
         return model
 
     def to_peft(
