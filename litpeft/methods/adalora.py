@@ -29,21 +29,20 @@ from transformers.pytorch_utils import Conv1D
 from litpeft.methods.adalora_budget import SLOT, RankAllocator
 from litpeft.methods.base import (
     Dropout,
-    PeftLayer,
     PeftMethod,
     _is_int,
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
-from litpeft.methods.ia3 import in_out_features, layer_device, out_in_weight
 from litpeft.methods.layout import attach, attached, detach
-from litpeft.quantize import plain_layer
+from litpeft.methods.linear import DeltaWeightLayer, in_out_features, layer_device
 
 
-class SVDLinear(nn.Module, PeftLayer):
+class SVDLinear(nn.Module, DeltaWeightLayer):
     """``base_layer(x) + P (lambda * (Q dropout(x))) * alpha / (r + 1e-5)`` (peft's ``SVDLinear``)."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float) -> None:
@@ -68,17 +67,6 @@ class SVDLinear(nn.Module, PeftLayer):
     def delta_weight(self) -> torch.Tensor:
         """``P Lambda Q`` scaled, as ``(out, in)``."""
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
-
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
-        """The base layer with the update added: in place for a float ``nn.Linear`` / ``Conv1D``, else (a
-        quantized base) a plain layer of the same kind."""
-        base = self.base_layer
-        weight = out_in_weight(base).float() + self.delta_weight().float()
-        if type(base) not in (nn.Linear, Conv1D) or not base.weight.is_floating_point():
-            return plain_layer(base, weight, getattr(base, "bias", None))
-        base.weight.copy_(weight.T if isinstance(base, Conv1D) else weight)
-        return base
 
 
 def svd_layers(model: nn.Module) -> dict[str, SVDLinear]:
@@ -196,10 +184,8 @@ class AdaLoRA(PeftMethod):
     # -- after training --------------------------------------------------------------------------------
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Add each layer's ``P Lambda Q`` to its weight; remove the AdaLoRA layers and the allocator."""
-        for name, module in svd_layers(model).items():
-            replace_module(model, name, module.merged())
+        merge_layers(model, SVDLinear)
         detach(model, SLOT)
-        model.requires_grad_(False)
         return model
 
     def to_peft(

@@ -327,6 +327,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     model.set_submodule(name, new)
 
 
+def merge_layers(model: PreTrainedModel, layer_type: type | tuple[type, ...]) -> PreTrainedModel:
+    """Put each ``layer_type`` layer's ``merged()`` in its place and freeze ``model`` (a method's merge)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, layer_type):
+            replace_module(model, name, module.merged())
+    model.requires_grad_(False)
+    return model
+
+
 def peft_target_names(model: nn.Module, adapted: list[str]) -> list[str]:
     """A peft config's ``target_modules`` that selects exactly the ``adapted`` modules of ``model``.
 

@@ -24,8 +24,8 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.base import PeftLayer, PeftMethod, check_target_modules, find_targets, replace_module
-from litpeft.methods.ia3 import in_out_features, layer_device
 from litpeft.methods.layout import is_norm
+from litpeft.methods.linear import in_out_features, layer_device
 from litpeft.methods.llama_adapter import _fit_config_to_biases
 from litpeft.quantize import plain_layer
 

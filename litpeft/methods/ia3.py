@@ -29,9 +29,11 @@ from litpeft.methods.base import (
     PeftMethod,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
+from litpeft.methods.linear import in_out_features, layer_device, out_in_weight
 from litpeft.quantize import plain_layer
 
 #: keys, values and the FFN's down projection in every family of the matrix (Llama-style, GPT-2,
@@ -48,25 +50,6 @@ DEFAULT_TARGETS = [
     "qkv_proj",
 ]
 DEFAULT_FEEDFORWARD = ["down_proj", "mlp.c_proj", "dense_4h_to_h"]
-
-
-def out_in_weight(layer: nn.Module) -> torch.Tensor:
-    """A linear layer's weight as ``(out, in)``: GPT-2's ``Conv1D`` transposed, a quantized one dequantized."""
-    w = layer.weight
-    if hasattr(w, "dequantize") and w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        w = w.dequantize()
-    return w.T if isinstance(layer, Conv1D) else w
-
-
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
-    """A linear layer's ``(in, out)`` sizes without touching a quantized weight."""
-    if isinstance(layer, Conv1D):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    return layer.in_features, layer.out_features
-
-
-def layer_device(layer: nn.Module) -> torch.device:
-    return next(layer.parameters()).device
 
 
 class IA3Linear(nn.Module, PeftLayer):
@@ -175,11 +158,7 @@ class IA3(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Fold every ``l`` into its base layer and remove the (IA)^3 layers."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, IA3Linear):
-                replace_module(model, name, module.merged())
-        model.requires_grad_(False)
-        return model
+        return merge_layers(model, IA3Linear)
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]

@@ -23,20 +23,19 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.errors import LitPeftError
 from litpeft.methods.base import (
-    PeftLayer,
     PeftMethod,
     _is_int,
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
-from litpeft.methods.ia3 import in_out_features, layer_device, out_in_weight
-from litpeft.quantize import plain_layer
+from litpeft.methods.linear import DeltaWeightLayer, in_out_features, layer_device
 
 
-class LycorisLinear(nn.Module, PeftLayer):
+class LycorisLinear(nn.Module, DeltaWeightLayer):
     """``base_layer(x) + Delta W x``; a subclass creates the factors and rebuilds ``Delta W``."""
 
     #: whether the rows kept by rank dropout are rescaled by 1 / their share (LoHa always; LoKr on request)
@@ -54,10 +53,6 @@ class LycorisLinear(nn.Module, PeftLayer):
     def factor(self, *shape: int) -> nn.Parameter:
         """A new fp32 factor on the base layer's device (values set by the subclass's init)."""
         return nn.Parameter(torch.empty(shape, device=layer_device(self.base_layer), dtype=torch.float32))
-
-    def delta_weight(self) -> torch.Tensor:
-        """``Delta W`` as ``(out, in)``, scaling included."""
-        raise NotImplementedError
 
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
         """``Delta W x`` (a subclass may compute it without forming ``Delta W``)."""
@@ -78,17 +73,6 @@ class LycorisLinear(nn.Module, PeftLayer):
                 drop = drop / drop.mean().clamp_min(1 / drop.numel())
             out = out * drop.to(out.device)
         return result + out.to(result.dtype)
-
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
-        """The base layer with ``Delta W`` added: in place for a float ``nn.Linear`` / ``Conv1D``, else (a
-        quantized base) a plain layer of the same kind."""
-        base = self.base_layer
-        weight = out_in_weight(base).float() + self.delta_weight().float()
-        if type(base) not in (nn.Linear, Conv1D) or not base.weight.is_floating_point():
-            return plain_layer(base, weight, getattr(base, "bias", None))
-        base.weight.copy_(weight.T if isinstance(base, Conv1D) else weight)
-        return base
 
 
 class LycorisMethod(PeftMethod):
@@ -150,11 +134,7 @@ class LycorisMethod(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Add each layer's ``Delta W`` to its base weight and remove the method's layers."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, self.layer):
-                replace_module(model, name, module.merged())
-        model.requires_grad_(False)
-        return model
+        return merge_layers(model, self.layer)
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]

@@ -41,11 +41,11 @@ from litpeft.methods.base import (
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
-from litpeft.methods.ia3 import in_out_features, layer_device, out_in_weight
-from litpeft.quantize import plain_layer
+from litpeft.methods.linear import in_out_features, layer_device, out_in_weight, with_weight
 
 log = logging.getLogger(__name__)
 PEFT_VERSION = "0.21.2"  # the peft whose OFT this is (0.18 changed the Neumann series; its loader checks)
@@ -153,11 +153,7 @@ class OFTLinear(nn.Module, PeftLayer):
         """The base layer with ``W R^T`` as its weight: in place for a float ``nn.Linear`` / ``Conv1D``, else
         (a quantized base) a plain layer of the same kind."""
         base = self.base_layer
-        weight = out_in_weight(base).float() @ self.oft_R.matrix().float().T
-        if type(base) not in (nn.Linear, Conv1D) or not base.weight.is_floating_point():
-            return plain_layer(base, weight, getattr(base, "bias", None))
-        base.weight.copy_(weight.T if isinstance(base, Conv1D) else weight)
-        return base
+        return with_weight(base, out_in_weight(base).float() @ self.oft_R.matrix().float().T)
 
 
 class OFT(PeftMethod):
@@ -253,11 +249,7 @@ class OFT(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Replace each adapted weight ``W`` by ``W R^T``; remove the OFT layers."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, OFTLinear):
-                replace_module(model, name, module.merged())
-        model.requires_grad_(False)
-        return model
+        return merge_layers(model, OFTLinear)
 
     def to_peft(
         self, model: PreTrainedModel, state: dict[str, torch.Tensor]

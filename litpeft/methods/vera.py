@@ -27,18 +27,17 @@ from transformers.pytorch_utils import Conv1D
 
 from litpeft.methods.base import (
     Dropout,
-    PeftLayer,
     PeftMethod,
     _is_int,
     check_arg,
     check_target_modules,
     find_targets,
+    merge_layers,
     peft_target_names,
     replace_module,
 )
-from litpeft.methods.ia3 import in_out_features, layer_device, out_in_weight
 from litpeft.methods.layout import attach, attached, detach
-from litpeft.quantize import plain_layer
+from litpeft.methods.linear import DeltaWeightLayer, in_out_features, layer_device
 
 SLOT = "vera_projections"  # the shared A and B, hung on the model (non-persistent buffers)
 
@@ -61,7 +60,7 @@ class VeRAProjections(nn.Module):
         self.register_buffer("vera_B", b.to(device), persistent=False)
 
 
-class VeRALinear(nn.Module, PeftLayer):
+class VeRALinear(nn.Module, DeltaWeightLayer):
     """``base_layer(x) + b * (B (d * (A dropout(x))))`` with the shared ``A``, ``B`` cut to this layer."""
 
     def __init__(
@@ -94,17 +93,6 @@ class VeRALinear(nn.Module, PeftLayer):
         """``Lambda_b B Lambda_d A`` as ``(out, in)``."""
         a, b = self._a_b()
         return (self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)
-
-    @torch.no_grad()
-    def merged(self) -> nn.Module:
-        """The base layer with the update added: in place for a float ``nn.Linear`` / ``Conv1D``, else (a
-        quantized base) a plain layer of the same kind."""
-        base = self.base_layer
-        weight = out_in_weight(base).float() + self.delta_weight().float()
-        if type(base) not in (nn.Linear, Conv1D) or not base.weight.is_floating_point():
-            return plain_layer(base, weight, getattr(base, "bias", None))
-        base.weight.copy_(weight.T if isinstance(base, Conv1D) else weight)
-        return base
 
 
 class VeRA(PeftMethod):
@@ -160,11 +148,8 @@ class VeRA(PeftMethod):
 
     def merge(self, model: PreTrainedModel) -> PreTrainedModel:
         """Add each layer's ``Lambda_b B Lambda_d A`` to its weight; remove the VeRA layers and matrices."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, VeRALinear):
-                replace_module(model, name, module.merged())
+        merge_layers(model, VeRALinear)
         detach(model, SLOT)
-        model.requires_grad_(False)
         return model
 
     def to_peft(

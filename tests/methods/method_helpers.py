@@ -4,16 +4,21 @@ steps, the padding / KV-cache / checkpointing / bf16 checks, and the export to H
 Two families of tests use them: those that tokenize with the ``tok`` fixture and no special tokens
 (``batch_of``, ``lm_batch``; prompt tuning, P-tuning, bottleneck adapters) and those that tokenize with a
 fresh tiny tokenizer and its special tokens (``padded``, ``labelled_batch``; prefix tuning, LLaMA-Adapter).
+The methods that change the base layers' weights compare logits of ``adapter_helpers.token_ids`` (start
+at the base, peft parity, export, merge).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import adapter_helpers
 import peft
 import pytest
 import torch
@@ -21,8 +26,11 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from litpeft.adapter_dir import load_adapter
+from litpeft.commands import export_adapter
 from litpeft.data.collate import pad_batch
-from litpeft.methods import PeftMethod
+from litpeft.export import merge
+from litpeft.methods import PeftMethod, adapters_disabled
 from litpeft.models import load_model, tiny_tokenizer
 from litpeft.module import PeftLM
 
@@ -329,3 +337,94 @@ def peft_model_without_missing_keys(
     messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "missing" in m.lower() or "unexpected" in m.lower()], messages
     return loaded
+
+
+# --- methods that change the base layers (IA3, LN tuning, BitFit, VeRA, AdaLoRA, OFT, LoHa, LoKr) ------
+
+
+def randomized(model: nn.Module, seed: int = 1, scale: float = 0.3) -> nn.Module:
+    """``model`` in eval mode with every trainable tensor, in name order, set to ``scale * N(0, 1)`` from a
+    generator seeded with ``seed`` (a zero-change adapter would pass any equality test)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def assert_starts_as_base_and_disables_to_base(
+    base: nn.Module, method: PeftMethod, randomize: Callable[[nn.Module], nn.Module] = randomized
+) -> None:
+    """``method`` on a copy of ``base`` gives ``base``'s logits exactly; ``randomize``d, other logits;
+    with the adapters disabled, ``base``'s exactly again."""
+    model = method.apply(copy.deepcopy(base)).eval()
+    x = adapter_helpers.token_ids()
+    assert torch.equal(adapter_helpers.logits(model, x), adapter_helpers.logits(base, x))
+    randomize(model)
+    assert not torch.allclose(adapter_helpers.logits(model, x), adapter_helpers.logits(base, x), atol=1e-3)
+    with adapters_disabled(model):
+        assert torch.equal(adapter_helpers.logits(model, x), adapter_helpers.logits(base, x))
+
+
+def peft_twin(base: nn.Module, ours: nn.Module, config: peft.PeftConfig) -> peft.PeftModel:
+    """peft's model of ``config`` on a copy of ``base`` with ``ours``' trainable tensors copied in."""
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                params[f"base_model.model.{name}.default"].copy_(p)
+    return theirs
+
+
+def assert_peft_loads_the_export(
+    tmp_path: Path, spec: str, method: PeftMethod, atol: float = 1e-3, **adapter_kwargs: Any
+) -> None:
+    """An adapter of ``method`` on ``spec`` (``make_adapter``'s noise), exported by ``litpeft export``: peft
+    loads it onto the base and gives litpeft's logits (1e-5), which differ from the base's (``atol``)."""
+    adapter = adapter_helpers.make_adapter(tmp_path / "adapter", spec, method, **adapter_kwargs)
+    export_adapter(str(adapter), str(tmp_path / "peft"))
+    ours, _, _, _ = load_adapter(adapter)
+    base = load_model(spec)
+    x = adapter_helpers.token_ids()
+    base_logits = adapter_helpers.logits(base, x)
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    expected = adapter_helpers.logits(ours, x)
+    assert not torch.allclose(expected, base_logits, atol=atol)
+    torch.testing.assert_close(adapter_helpers.logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def merged_keeping_logits(model: nn.Module, method: PeftMethod) -> nn.Module:
+    """``litpeft.export.merge`` of ``model`` (which checks the architecture's keys), asserting that the
+    merged model gives ``model``'s logits (1e-5)."""
+    x = adapter_helpers.token_ids()
+    before = adapter_helpers.logits(model, x)
+    merged = merge(model, method)
+    torch.testing.assert_close(adapter_helpers.logits(merged, x), before, rtol=1e-5, atol=1e-5)
+    return merged
+
+
+def assert_same_trainables_as_peft(ours: nn.Module, theirs: peft.PeftModel) -> None:
+    """``ours``' trainable tensors are ``theirs``' (peft names them ``base_model.model.<name>.default``)."""
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    peft_params = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
+    assert len(mine) == len(peft_params)
+    for name, p in mine.items():
+        assert torch.equal(p, peft_params[f"base_model.model.{name}.default"]), name
+
+
+def assert_training_logits_equal_peft(ours: nn.Module, theirs: peft.PeftModel) -> None:
+    """In train mode, from the same seed, ``ours`` and ``theirs`` draw the same dropout masks: the same
+    logits (1e-5); and the masks act (train and eval logits differ)."""
+    ours.train(), theirs.train()
+    x = adapter_helpers.token_ids()
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        a = adapter_helpers.logits(ours, x)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(a, adapter_helpers.logits(theirs, x), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    assert not torch.allclose(
+        adapter_helpers.logits(ours, x), adapter_helpers.logits(ours.eval(), x), atol=1e-3
+    )

@@ -8,6 +8,7 @@ import copy
 from pathlib import Path
 
 import lightning as L
+import method_helpers as helpers
 import pytest
 import torch
 from adapter_helpers import logits, token_ids
@@ -19,8 +20,7 @@ from litpeft.adapter_dir import load_adapter, save_adapter
 from litpeft.commands import export_adapter
 from litpeft.data.prompts import get_style
 from litpeft.errors import LitPeftError
-from litpeft.export import merge
-from litpeft.methods import AdaLoRA, SVDLinear, adapters_disabled, method_from_config
+from litpeft.methods import AdaLoRA, SVDLinear, method_from_config
 from litpeft.methods.adalora_budget import SLOT
 from litpeft.methods.layout import attached
 from litpeft.models import load_model
@@ -30,15 +30,6 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def randomized(model: torch.nn.Module, seed: int = 1, scale: float = 0.3) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
-
-
 def peft_pair(
     arch: str, targets: str | list[str] = "all-linear", **schedule: int
 ) -> tuple[torch.nn.Module, PeftModel]:
@@ -46,17 +37,11 @@ def peft_pair(
     base = load_model(f"tiny:{arch}")
     kw = {"init_r": 4, "target_r": 2, **schedule}
     total = kw.pop("total_step", 10)
-    ours = randomized(
+    ours = helpers.randomized(
         AdaLoRA(target_modules=targets, total_step=total, **rename(kw)).apply(copy.deepcopy(base))
     )
     config = AdaLoraConfig(target_modules=targets, total_step=total, fan_in_fan_out=arch == "gpt2", **kw)
-    theirs = get_peft_model(copy.deepcopy(base), config).eval()
-    params = dict(theirs.named_parameters())
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if p.requires_grad:
-                params[f"base_model.model.{name}.default"].copy_(p)
-    return ours, theirs
+    return ours, helpers.peft_twin(base, ours, config).eval()
 
 
 def rename(peft_kwargs: dict[str, int]) -> dict[str, int]:
@@ -64,14 +49,10 @@ def rename(peft_kwargs: dict[str, int]) -> dict[str, int]:
 
 
 def test_step0_is_the_base_and_disabled_is_the_base() -> None:
-    base = load_model("tiny:llama")
-    model = AdaLoRA(init_r=4, target_r=2).apply(copy.deepcopy(base)).eval()
-    x = token_ids()
-    assert torch.equal(logits(model, x), logits(base, x))  # lambda = 0 at init
-    randomized(model)
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
-    with adapters_disabled(model):
-        assert torch.equal(logits(model, x), logits(base, x))
+    # lambda = 0 at init
+    helpers.assert_starts_as_base_and_disables_to_base(
+        load_model("tiny:llama"), AdaLoRA(init_r=4, target_r=2)
+    )
 
 
 @pytest.mark.parametrize(
@@ -93,7 +74,7 @@ def test_training_loss_is_peft_loss_with_its_orthogonality_regulariser() -> None
     adds ``orth_reg_weight * R(P, Q)`` itself; the term is not small next to the LM loss here."""
     module = PeftLM("tiny:llama", method=AdaLoRA(init_r=4, target_r=2, orth_reg_weight=0.3, total_step=10))
     module.configure_model()
-    randomized(module.model)
+    helpers.randomized(module.model)
     config = AdaLoraConfig(
         init_r=4,
         target_r=2,
@@ -166,7 +147,7 @@ def test_allocator_equals_peft_at_every_step() -> None:
 def test_a_step_with_inf_gradients_leaves_the_importance_alone() -> None:
     """Under an fp16 loss scaler a step with inf gradients is skipped by the optimizer; its inf must not
     enter the EMAs (peft's allocator would keep inf/nan scores from then on)."""
-    model = randomized(
+    model = helpers.randomized(
         AdaLoRA(init_r=4, target_r=2, target_modules=["q_proj"]).apply(load_model("tiny:llama"))
     )
     allocator = attached(model, SLOT)
@@ -207,7 +188,7 @@ def masked_adapter(directory: Path, spec: str, method: AdaLoRA) -> Path:
     layer's all of them: rank 0)."""
     lm = PeftLM(model=spec, method=method)
     lm.configure_model()
-    randomized(lm.model)
+    helpers.randomized(lm.model)
     with torch.no_grad():
         for i, layer in enumerate(m for m in lm.model.modules() if isinstance(m, SVDLinear)):
             layer.lora_E[: (4 if i == 0 else (i - 1) % 4)] = 0.0
@@ -238,12 +219,9 @@ def test_export_keeps_the_living_singular_values_and_peft_reproduces_the_logits(
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_equals_unmerged(arch: str) -> None:
     method = AdaLoRA(init_r=4, target_r=2)
-    model = randomized(method.apply(load_model(f"tiny:{arch}")))
-    x = token_ids()
-    before = logits(model, x)
-    merged = merge(model, method)  # also checks: no AdaLoRA layer left, the architecture's keys
+    model = helpers.randomized(method.apply(load_model(f"tiny:{arch}")))
+    merged = helpers.merged_keeping_logits(model, method)  # merge checks: no AdaLoRA layer left
     assert attached(merged, SLOT) is None
-    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
 
 
 # -- inside Lightning ------------------------------------------------------------------------------------

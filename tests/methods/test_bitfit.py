@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import method_helpers as helpers
 import pytest
 import torch
 from adapter_helpers import logits, token_ids
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from litpeft.errors import LitPeftError
 from litpeft.export import check_exportable, merge
-from litpeft.methods import BitFit, adapters_disabled, method_from_config
+from litpeft.methods import BitFit, method_from_config
 from litpeft.methods.bitfit import BiasDelta
 from litpeft.models import load_model
 
@@ -57,13 +58,7 @@ def test_added_biases_on_a_family_without_any() -> None:
 @pytest.mark.parametrize("arch, kwargs", [("gpt2", {}), ("llama", {"add_missing_biases": True})])
 def test_step0_is_the_base_and_disabled_is_the_base(arch: str, kwargs: dict) -> None:
     base = load_model(f"tiny:{arch}")
-    model = BitFit(**kwargs).apply(copy.deepcopy(base)).eval()
-    x = token_ids()
-    assert torch.equal(logits(model, x), logits(base, x))
-    randomized(model)
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
-    with adapters_disabled(model):
-        assert torch.equal(logits(model, x), logits(base, x))
+    helpers.assert_starts_as_base_and_disables_to_base(base, BitFit(**kwargs), randomize=randomized)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
@@ -96,8 +91,7 @@ def test_merged_equals_unmerged_and_reloads(tmp_path, arch: str, kwargs: dict) -
     model = randomized(BitFit(**kwargs).apply(load_model(f"tiny:{arch}")))
     x = token_ids()
     before = logits(model, x)
-    merged = merge(model, BitFit(**kwargs))
-    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
+    merged = helpers.merged_keeping_logits(model, BitFit(**kwargs))
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, x), before, rtol=1e-5, atol=1e-5)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 
+import method_helpers as helpers
 import pytest
 import torch
 from adapter_helpers import logits, make_adapter, token_ids
 from peft import IA3Config, PeftModel, get_peft_model
 
 from litpeft.adapter_dir import load_adapter
-from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
-from litpeft.export import merge
-from litpeft.methods import IA3, IA3Linear, adapters_disabled, method_from_config
+from litpeft.methods import IA3, IA3Linear, method_from_config
 from litpeft.models import load_model
 
 #: family -> peft's own IA3 defaults for it (peft's TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
@@ -51,13 +50,7 @@ def peft_with_our_weights(base: torch.nn.Module, ours: torch.nn.Module, config: 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_step0_is_the_base_and_disabled_is_the_base(arch: str) -> None:
     base = load_model(f"tiny:{arch}")
-    model = IA3().apply(copy.deepcopy(base)).eval()
-    x = token_ids()
-    assert torch.equal(logits(model, x), logits(base, x))
-    randomized(model)
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
-    with adapters_disabled(model):
-        assert torch.equal(logits(model, x), logits(base, x))
+    helpers.assert_starts_as_base_and_disables_to_base(base, IA3(), randomize=randomized)
 
 
 @pytest.mark.parametrize("arch", list(PEFT_DEFAULTS))
@@ -105,28 +98,15 @@ def test_default_targets_count_equals_peft_with_the_exported_config(arch: str) -
     ids=["llama", "gpt2-conv1d", "qwen2-regex"],
 )
 def test_litpeft_export_round_trips_through_peft(tmp_path, spec: str, make) -> None:
-    adapter = make_adapter(tmp_path / "adapter", spec, make())
-    export_adapter(str(adapter), str(tmp_path / "peft"))
-    ours, _, _, _ = load_adapter(adapter)
-    base = load_model(spec)
-    x = token_ids()
-    base_logits = logits(base, x)
-    theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
-    expected = logits(ours, x)
-    assert not torch.allclose(expected, base_logits, atol=1e-3)
-    torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+    helpers.assert_peft_loads_the_export(tmp_path, spec, make())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_merged_equals_unmerged(arch: str) -> None:
     """Rows (and the bias: Qwen2's k/v, GPT-2's c_attn) or columns (the FFN) of W scaled by l: the merged
     plain model computes the adapted one's logits; its weights are the architecture's own."""
-    model = randomized(IA3().apply(load_model(f"tiny:{arch}")))
-    x = token_ids()
-    before = logits(model, x)
-    merged = merge(model, IA3())
+    merged = helpers.merged_keeping_logits(randomized(IA3().apply(load_model(f"tiny:{arch}"))), IA3())
     assert not any(isinstance(m, IA3Linear) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_config_errors_are_one_line() -> None:

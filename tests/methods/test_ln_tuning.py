@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 
+import method_helpers as helpers
 import pytest
 import torch
-from adapter_helpers import logits, make_adapter, token_ids
-from peft import LNTuningConfig, PeftModel, get_peft_model
+from adapter_helpers import logits, token_ids
+from peft import LNTuningConfig, get_peft_model
 
-from litpeft.adapter_dir import load_adapter
-from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
 from litpeft.export import merge
-from litpeft.methods import LNTuning, adapters_disabled, method_from_config
+from litpeft.methods import LNTuning, method_from_config
 from litpeft.models import load_model
 
 #: family -> its norms' short names (the hand list peft is given)
@@ -41,13 +40,7 @@ def randomized(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_step0_is_the_base_and_disabled_is_the_base(arch: str) -> None:
     base = load_model(f"tiny:{arch}")
-    model = LNTuning().apply(copy.deepcopy(base)).eval()
-    x = token_ids()
-    assert torch.equal(logits(model, x), logits(base, x))
-    randomized(model)
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
-    with adapters_disabled(model):
-        assert torch.equal(logits(model, x), logits(base, x))
+    helpers.assert_starts_as_base_and_disables_to_base(base, LNTuning(), randomize=randomized)
 
 
 @pytest.mark.parametrize("arch", list(NORMS))
@@ -83,16 +76,7 @@ def test_trainable_count_and_logits_equal_peft(arch: str) -> None:
     ids=["llama", "gpt2-layernorm-bias", "qwen2-regex"],
 )
 def test_litpeft_export_round_trips_through_peft(tmp_path, spec: str, make) -> None:
-    adapter = make_adapter(tmp_path / "adapter", spec, make())
-    export_adapter(str(adapter), str(tmp_path / "peft"))
-    ours, _, _, _ = load_adapter(adapter)
-    base = load_model(spec)
-    x = token_ids()
-    base_logits = logits(base, x)
-    theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
-    expected = logits(ours, x)
-    assert not torch.allclose(expected, base_logits, atol=1e-3)
-    torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+    helpers.assert_peft_loads_the_export(tmp_path, spec, make())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])

@@ -5,55 +5,24 @@ from __future__ import annotations
 
 import copy
 
+import method_helpers as helpers
 import pytest
 import torch
 from adapter_helpers import logits, make_adapter, token_ids
-from peft import LoHaConfig, PeftModel, get_peft_model
+from peft import LoHaConfig, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from litpeft import PeftLM
-from litpeft.adapter_dir import load_adapter
 from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
-from litpeft.export import merge
-from litpeft.methods import LoHa, LoHaLinear, adapters_disabled, method_from_config
+from litpeft.methods import LoHa, LoHaLinear, method_from_config
 from litpeft.methods.loha import HadamardDelta
 from litpeft.models import load_model
 
 
-def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def randomized(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(trainable(model).items()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
-def peft_twin(base: torch.nn.Module, ours: torch.nn.Module, config: LoHaConfig) -> torch.nn.Module:
-    """peft's model of ``config`` on ``base`` with ``ours``' tensors copied in."""
-    theirs = get_peft_model(copy.deepcopy(base), config)
-    params = dict(theirs.named_parameters())
-    with torch.no_grad():
-        for name, p in trainable(ours).items():
-            layer, key = name.rsplit(".", 1)
-            params[f"base_model.model.{layer}.{key}.default"].copy_(p)
-    return theirs
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_step0_is_the_base_and_disabled_is_the_base(arch: str) -> None:
-    base = load_model(f"tiny:{arch}")
-    model = LoHa(r=4).apply(copy.deepcopy(base)).eval()
-    x = token_ids()
-    assert torch.equal(logits(model, x), logits(base, x))
-    randomized(model)
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
-    with adapters_disabled(model):
-        assert torch.equal(logits(model, x), logits(base, x))
+    helpers.assert_starts_as_base_and_disables_to_base(load_model(f"tiny:{arch}"), LoHa(r=4))
 
 
 @pytest.mark.parametrize(
@@ -69,17 +38,13 @@ def test_init_count_and_logits_equal_peft(arch: str, targets: str | list[str], r
     ours = LoHa(r=r, alpha=8, target_modules=targets).apply(copy.deepcopy(base))
     torch.manual_seed(5)
     theirs = get_peft_model(copy.deepcopy(base), LoHaConfig(r=r, alpha=8, target_modules=targets))
-    mine, peft_params = trainable(ours), trainable(theirs)
-    assert len(mine) == len(peft_params)
-    for name, p in mine.items():
-        layer, key = name.rsplit(".", 1)
-        assert torch.equal(p, peft_params[f"base_model.model.{layer}.{key}.default"]), name
+    helpers.assert_same_trainables_as_peft(ours, theirs)
     layers = [m for m in ours.modules() if isinstance(m, LoHaLinear)]
-    assert sum(p.numel() for p in mine.values()) == sum(
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == sum(
         2 * r * (m.out_features + m.in_features) for m in layers
     )
-    randomized(ours)
-    theirs = peft_twin(base, ours, LoHaConfig(r=r, alpha=8, target_modules=targets)).eval()
+    helpers.randomized(ours)
+    theirs = helpers.peft_twin(base, ours, LoHaConfig(r=r, alpha=8, target_modules=targets)).eval()
     x = token_ids()
     torch.testing.assert_close(logits(ours, x), logits(theirs, x), rtol=1e-5, atol=1e-5)
 
@@ -87,18 +52,9 @@ def test_init_count_and_logits_equal_peft(arch: str, targets: str | list[str], r
 def test_rank_and_module_dropout_draw_peft_masks() -> None:
     """In training, the same seed gives peft's module-skip and row masks: the same logits."""
     base = load_model("tiny:llama")
-    ours = randomized(LoHa(r=4, rank_dropout=0.5, module_dropout=0.3).apply(copy.deepcopy(base)))
+    ours = helpers.randomized(LoHa(r=4, rank_dropout=0.5, module_dropout=0.3).apply(copy.deepcopy(base)))
     config = LoHaConfig(r=4, rank_dropout=0.5, module_dropout=0.3, target_modules="all-linear")
-    theirs = peft_twin(base, ours, config)
-    ours.train(), theirs.train()
-    x = token_ids()
-    for seed in (0, 1, 2):
-        torch.manual_seed(seed)
-        a = logits(ours, x)
-        torch.manual_seed(seed)
-        torch.testing.assert_close(a, logits(theirs, x), rtol=1e-5, atol=1e-5)
-    torch.manual_seed(0)
-    assert not torch.allclose(logits(ours, x), logits(ours.eval(), x), atol=1e-3)  # the masks do act
+    helpers.assert_training_logits_equal_peft(ours, helpers.peft_twin(base, ours, config))
 
 
 def test_factored_backward_equals_autograd() -> None:
@@ -111,18 +67,8 @@ def test_factored_backward_equals_autograd() -> None:
 
 
 def test_litpeft_export_round_trips_through_peft(tmp_path) -> None:
-    adapter = make_adapter(
-        tmp_path / "adapter", "tiny:llama", LoHa(r=4, target_modules=["q_proj", "down_proj"])
-    )
-    export_adapter(str(adapter), str(tmp_path / "peft"))
-    ours, _, _, _ = load_adapter(adapter)
-    base = load_model("tiny:llama")
-    x = token_ids()
-    base_logits = logits(base, x)
-    theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
-    expected = logits(ours, x)
-    assert not torch.allclose(expected, base_logits, atol=1e-3)
-    torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+    method = LoHa(r=4, target_modules=["q_proj", "down_proj"])
+    helpers.assert_peft_loads_the_export(tmp_path, "tiny:llama", method)
 
 
 def test_gpt2_conv1d_peft_export_is_refused_with_one_line(tmp_path) -> None:
@@ -133,12 +79,9 @@ def test_gpt2_conv1d_peft_export_is_refused_with_one_line(tmp_path) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_equals_unmerged(arch: str) -> None:
-    model = randomized(LoHa(r=4).apply(load_model(f"tiny:{arch}")))
-    x = token_ids()
-    before = logits(model, x)
-    merged = merge(model, LoHa(r=4))
+    model = helpers.randomized(LoHa(r=4).apply(load_model(f"tiny:{arch}")))
+    merged = helpers.merged_keeping_logits(model, LoHa(r=4))
     assert not any(isinstance(m, LoHaLinear) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_config_errors_are_one_line() -> None:
@@ -157,9 +100,5 @@ def test_merge_on_an_nf4_base_gives_plain_layers_of_the_same_outputs() -> None:
     kind (GPT-2: Conv1D) holding the dequantized weight + Delta W (shared by LoHa and LoKr)."""
     lm = PeftLM(model="tiny:gpt2", method=LoHa(r=2), quantize="nf4")
     lm.configure_model()
-    model = randomized(lm.model)
-    x = token_ids()
-    before = logits(model, x)
-    merged = merge(model, LoHa(r=2))
+    merged = helpers.merged_keeping_logits(helpers.randomized(lm.model), LoHa(r=2))
     assert type(merged.get_submodule("transformer.h.0.attn.c_attn")) is Conv1D
-    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)

@@ -5,42 +5,18 @@ from __future__ import annotations
 
 import copy
 
+import method_helpers as helpers
 import pytest
 import torch
 from adapter_helpers import logits, make_adapter, token_ids
-from peft import LoKrConfig, PeftModel, get_peft_model
+from peft import LoKrConfig, get_peft_model
 from peft.tuners.lokr.layer import factorization as peft_factorization
 
-from litpeft.adapter_dir import load_adapter
 from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
-from litpeft.export import merge
-from litpeft.methods import LoKr, LoKrLinear, adapters_disabled, method_from_config
+from litpeft.methods import LoKr, LoKrLinear, method_from_config
 from litpeft.methods.lokr import factorization
 from litpeft.models import load_model
-
-
-def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def randomized(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(trainable(model).items()):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
-def peft_twin(base: torch.nn.Module, ours: torch.nn.Module, config: LoKrConfig) -> torch.nn.Module:
-    """peft's model of ``config`` on ``base`` with ``ours``' tensors copied in."""
-    theirs = get_peft_model(copy.deepcopy(base), config)
-    params = dict(theirs.named_parameters())
-    with torch.no_grad():
-        for name, p in trainable(ours).items():
-            layer, key = name.rsplit(".", 1)
-            params[f"base_model.model.{layer}.{key}.default"].copy_(p)
-    return theirs
 
 
 def test_factorization_is_peft_rule() -> None:
@@ -55,14 +31,8 @@ def test_factorization_is_peft_rule() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_step0_is_the_base_and_disabled_is_the_base(arch: str) -> None:
-    base = load_model(f"tiny:{arch}")
-    model = LoKr(r=2, decompose_both=True).apply(copy.deepcopy(base)).eval()
-    x = token_ids()
-    assert torch.equal(logits(model, x), logits(base, x))
-    randomized(model)
-    assert not torch.allclose(logits(model, x), logits(base, x), atol=1e-3)
-    with adapters_disabled(model):
-        assert torch.equal(logits(model, x), logits(base, x))
+    method = LoKr(r=2, decompose_both=True)
+    helpers.assert_starts_as_base_and_disables_to_base(load_model(f"tiny:{arch}"), method)
 
 
 @pytest.mark.parametrize(
@@ -84,15 +54,12 @@ def test_init_shapes_count_and_logits_equal_peft(arch: str, kwargs: dict) -> Non
     ours = LoKr(**kwargs).apply(copy.deepcopy(base))
     torch.manual_seed(5)
     theirs = get_peft_model(copy.deepcopy(base), config)
-    mine, peft_params = trainable(ours), trainable(theirs)
-    assert len(mine) == len(peft_params)
-    for name, p in mine.items():
-        layer, key = name.rsplit(".", 1)
-        assert torch.equal(p, peft_params[f"base_model.model.{layer}.{key}.default"]), name
+    helpers.assert_same_trainables_as_peft(ours, theirs)
     if kwargs.get("decompose_both"):
+        mine = [n for n, p in ours.named_parameters() if p.requires_grad]
         assert any(n.endswith("lokr_w1_a") for n in mine) and any(n.endswith("lokr_w2_b") for n in mine)
-    randomized(ours)
-    theirs = peft_twin(base, ours, config).eval()
+    helpers.randomized(ours)
+    theirs = helpers.peft_twin(base, ours, config).eval()
     x = token_ids()
     torch.testing.assert_close(logits(ours, x), logits(theirs, x), rtol=1e-5, atol=1e-5)
 
@@ -101,33 +68,16 @@ def test_init_shapes_count_and_logits_equal_peft(arch: str, kwargs: dict) -> Non
 def test_rank_and_module_dropout_draw_peft_masks(scale: bool) -> None:
     base = load_model("tiny:llama")
     kwargs = {"r": 2, "rank_dropout": 0.5, "module_dropout": 0.3, "rank_dropout_scale": scale}
-    ours = randomized(LoKr(**kwargs).apply(copy.deepcopy(base)))
-    theirs = peft_twin(base, ours, LoKrConfig(target_modules="all-linear", **kwargs))
-    ours.train(), theirs.train()
-    x = token_ids()
-    for seed in (0, 1, 2):
-        torch.manual_seed(seed)
-        a = logits(ours, x)
-        torch.manual_seed(seed)
-        torch.testing.assert_close(a, logits(theirs, x), rtol=1e-5, atol=1e-5)
-    torch.manual_seed(0)
-    assert not torch.allclose(logits(ours, x), logits(ours.eval(), x), atol=1e-3)  # the masks do act
+    ours = helpers.randomized(LoKr(**kwargs).apply(copy.deepcopy(base)))
+    theirs = helpers.peft_twin(base, ours, LoKrConfig(target_modules="all-linear", **kwargs))
+    helpers.assert_training_logits_equal_peft(ours, theirs)
 
 
 def test_litpeft_export_round_trips_through_peft(tmp_path) -> None:
     method = LoKr(
         r=2, alpha=4.0, decompose_both=True, decompose_factor=4, target_modules=["k_proj", "up_proj"]
     )
-    adapter = make_adapter(tmp_path / "adapter", "tiny:llama", method)
-    export_adapter(str(adapter), str(tmp_path / "peft"))
-    ours, _, _, _ = load_adapter(adapter)
-    base = load_model("tiny:llama")
-    x = token_ids()
-    base_logits = logits(base, x)
-    theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
-    expected = logits(ours, x)
-    assert not torch.allclose(expected, base_logits, atol=1e-3)
-    torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+    helpers.assert_peft_loads_the_export(tmp_path, "tiny:llama", method)
 
 
 def test_gpt2_conv1d_peft_export_is_refused(tmp_path) -> None:
@@ -138,12 +88,10 @@ def test_gpt2_conv1d_peft_export_is_refused(tmp_path) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_equals_unmerged(arch: str) -> None:
-    model = randomized(LoKr(r=2).apply(load_model(f"tiny:{arch}")))
-    x = token_ids()
-    before = logits(model, x)
-    merged = merge(model, LoKr(r=2))
+    merged = helpers.merged_keeping_logits(
+        helpers.randomized(LoKr(r=2).apply(load_model(f"tiny:{arch}"))), LoKr(r=2)
+    )
     assert not any(isinstance(m, LoKrLinear) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
 
 
 def test_config_errors_are_one_line() -> None:

@@ -6,16 +6,16 @@ from __future__ import annotations
 import copy
 import warnings
 
+import method_helpers as helpers
 import pytest
 import torch
 from adapter_helpers import logits, make_adapter, token_ids
-from peft import OFTConfig, PeftModel, get_peft_model
+from peft import OFTConfig, get_peft_model
 from peft.tuners.oft.layer import OFTRotationModule
 
 from litpeft.adapter_dir import load_adapter
 from litpeft.commands import export_adapter
 from litpeft.errors import LitPeftError
-from litpeft.export import merge
 from litpeft.methods import OFT, OFTLinear, adapters_disabled, method_from_config
 from litpeft.methods.oft import cayley, fit_blocks, skew
 from litpeft.models import load_model
@@ -25,13 +25,8 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def randomized(model: torch.nn.Module, scale: float = 0.1, seed: int = 1) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model.eval()
+def randomized(model: torch.nn.Module) -> torch.nn.Module:
+    return helpers.randomized(model, scale=0.1)  # small angles: R stays near I
 
 
 def upper(blocks: int, size: int, scale: float, seed: int = 0) -> torch.Tensor:
@@ -126,10 +121,7 @@ def test_merged_equals_unmerged_and_keeps_the_neurons_angles(arch: str) -> None:
     model = randomized(method.apply(load_model(f"tiny:{arch}")))
     layer = next(m for m in model.modules() if isinstance(m, OFTLinear))
     w = layer.base_layer.weight.detach().clone()
-    x = token_ids()
-    before = logits(model, x)
-    merged = merge(model, method)
-    torch.testing.assert_close(logits(merged, x), before, rtol=1e-5, atol=1e-5)
+    helpers.merged_keeping_logits(model, method)
     w2 = layer.base_layer.weight.detach()  # merged in place
     assert not torch.allclose(w, w2, atol=1e-3)
     # R is orthogonal: the Gram matrix of the neurons (rows of W; Conv1D stores W^T) is unchanged
@@ -143,16 +135,7 @@ def test_merged_equals_unmerged_and_keeps_the_neurons_angles(arch: str) -> None:
     ids=["llama", "qwen2-r-coft"],
 )
 def test_litpeft_export_round_trips_through_peft(tmp_path, spec: str, kwargs: dict) -> None:
-    adapter = make_adapter(tmp_path / "adapter", spec, OFT(**kwargs), scale=0.05)
-    export_adapter(str(adapter), str(tmp_path / "peft"))
-    ours, _, _, _ = load_adapter(adapter)
-    base = load_model(spec)
-    x = token_ids()
-    base_logits = logits(base, x)
-    theirs = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
-    expected = logits(ours, x)
-    assert not torch.allclose(expected, base_logits, atol=1e-4)
-    torch.testing.assert_close(logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+    helpers.assert_peft_loads_the_export(tmp_path, spec, OFT(**kwargs), atol=1e-4, scale=0.05)
 
 
 def test_gpt2_conv1d_export_is_refused(tmp_path) -> None:
