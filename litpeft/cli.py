@@ -6,19 +6,16 @@ litpeft fit --config configs/lora.yaml --print_config   # the full config, runna
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from torch.optim import Optimizer
@@ -26,6 +23,7 @@ from torch.optim import Optimizer
 from litpeft.commands import COMMANDS
 from litpeft.data import InstructionDataModule
 from litpeft.errors import InvalidArgument, LitPeftError, find_cause, parse_error_line
+from litpeft.method_switch import choose_switched
 from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
 from litpeft.monitoring import SpeedMonitor, StepProgressBar, quiet_lightning
@@ -40,12 +38,27 @@ TOOLS: dict[str, Callable[[list[str]], None]] = {}
 TOOLS.update(COMMANDS)  # generate, evaluate, merge, export, download, serve
 
 
+class _Parser(LightningArgumentParser):
+    """``--print_config`` prints the method's args and the LR the fit uses (method_switch), a config that
+    runs as printed, not what jsonargparse kept from the method a config file set before the switch."""
+
+    argv: list[str] = []
+
+    def _parse_common(self, cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        request = getattr(self, "print_config", None)  # jsonargparse prints it (and exits) in there
+        if request is not None:
+            key = request["key"]  # the subcommand, None without one
+            choose_switched(cfg[key] if key else cfg, self.argv, key)
+        return super()._parse_common(cfg, *args, **kwargs)
+
+
 class LitPeftCLI(LightningCLI):
     """LightningCLI with PeftLM and InstructionDataModule as defaults (both replaceable by ``class_path``)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        self.argv = list(sys.argv[1:] if args is None else args)  # where an LR came from (choose_lr)
+        kwargs.setdefault("parser_class", _Parser)
+        self.argv = list(sys.argv[1:] if args is None else args)  # where an LR or a method arg came from
         super().__init__(
             PeftLM,
             InstructionDataModule,
@@ -71,9 +84,15 @@ class LitPeftCLI(LightningCLI):
             optimizer=DEFAULT_OPTIMIZER,
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.argv = self.argv
+        return parser
+
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":
-            choose_lr(self.config["fit"], self.argv)
+        # a method switched on the command line: its own args and LR, not the previous method's
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        choose_switched(config, self.argv, self.subcommand)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # A run you can watch (litpeft.monitoring): speed and memory at each log step, a bar over the
@@ -136,71 +155,6 @@ class LitPeftCLI(LightningCLI):
         if sched_key and self._get(self.config_init, sched_key):
             cfg = self._get(self.config, sched_key)
             self.model.lr_scheduler_init = cfg.as_dict() if hasattr(cfg, "as_dict") else cfg
-
-
-def _lr_of(optimizer: Any) -> Any:
-    if not isinstance(optimizer, dict):
-        return None
-    return (optimizer.get("init_args") or {}).get("lr", optimizer.get("lr"))
-
-
-def _method_name(config: dict[str, Any]) -> str | None:
-    """The class name of the method a config file sets (``model.init_args.method``), else None."""
-    model = config.get("model") or {}
-    args = model.get("init_args", model) if isinstance(model, dict) else {}
-    method = args.get("method") if isinstance(args, dict) else None
-    path = method.get("class_path") if isinstance(method, dict) else method
-    return str(path).rsplit(".", 1)[-1] if path else None
-
-
-def lr_source(argv: list[str], method: str) -> tuple[str | None, str | None]:
-    """``(where the user set the learning rate for method, a config file whose LR is another method's)``.
-
-    ``method`` is a class name. The command line counts, and a config file that sets an LR for this
-    method (or names none); one that sets it for another method (``--config configs/lora.yaml
-    --model.method PromptTuning``) sets LoRA's LR, not prompt tuning's.
-    """
-    source = other = None
-    for i, arg in enumerate(argv):
-        value = argv[i + 1] if i + 1 < len(argv) else ""
-        whole = arg in ("--optimizer", "--optimizer.init_args") and "lr" in value
-        if arg.startswith("--optimizer") and ("lr" in arg or whole):
-            return "the command line", None
-        path = (
-            value
-            if arg in ("-c", "--config")
-            else arg.split("=", 1)[1]
-            if arg.startswith("--config=")
-            else None
-        )
-        if path is None or not Path(path).is_file():
-            continue
-        config = yaml.safe_load(Path(path).read_text()) or {}
-        if isinstance(config, dict) and _lr_of(config.get("optimizer")) is not None:
-            named = _method_name(config)
-            source, other = (
-                (path, None) if named in (None, method) else (None, f"the lr in {path} is {named}'s")
-            )
-    return source, other
-
-
-def choose_lr(config: Any, argv: list[str]) -> None:
-    """The fit's learning rate: the user's for this method, else the method's recommended
-    (:attr:`PeftMethod.learning_rate`); the log says which and why."""
-    method = config["model"]["init_args"]["method"]
-    path = method.get("class_path")
-    optimizer = config.get("optimizer")
-    if not path or optimizer is None or "lr" not in (optimizer.get("init_args") or {}):
-        return
-    module, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    source, other = lr_source(argv, name)
-    if source is not None:
-        log.info("learning rate %g (set in %s)", optimizer["init_args"]["lr"], source)
-        return
-    optimizer["init_args"]["lr"] = cls.learning_rate
-    why = f"no lr set for {name}" + (f"; {other}" if other else "")
-    log.info("learning rate %g: %s's recommended (%s)", cls.learning_rate, name, why)
 
 
 def _user_error(exc: BaseException) -> str | None:

@@ -218,7 +218,7 @@ def test_a_step_bounded_run_you_can_watch(tmp_path: Path, word_data: Path) -> No
 
 
 def test_lr_source(tmp_path: Path) -> None:
-    from litpeft.cli import lr_source
+    from litpeft.method_switch import lr_source
 
     lora = str(REPO / "configs" / "lora.yaml")
     assert lr_source(["fit", "--config", lora], "LoRA") == (lora, None)

@@ -53,10 +53,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "class_path": "litpeft.methods.LoKr",
         "init_args": {"r": 2, "rank_dropout": 0.1, "module_dropout": 0.1},
     },
-    # r: 0 explicitly: jsonargparse keeps the default LoRA's r (8) when the command line switches class
     "oft": {
         "class_path": "litpeft.methods.OFT",
-        "init_args": {"oft_block_size": 8, "r": 0, "module_dropout": 0.1},
+        "init_args": {"oft_block_size": 8, "module_dropout": 0.1},
     },
     # the rank budget schedule over the run's 12 steps: its importance EMAs and mask resume too
     "adalora": {
