@@ -6,12 +6,14 @@ another numeric form. The script
 
 1. generates greedy answers of the base model to the 60 held-out prompts and counts the share in ISO form
    (``YYYY-MM-DD``) and the share that is the right date in ISO form;
-2. runs ``litpeft fit --config configs/dpo.yaml`` on the bundled pairs (LoRA r=16, DPO beta 0.1, CSV log);
+2. runs ``litpeft fit --config configs/orpo.yaml`` on the bundled pairs (LoRA r=16, ORPO lambda 0.1, CSV log;
+   ``--config configs/dpo.yaml`` for DPO);
 3. generates again with the trained adapter and counts the same shares;
 4. prints a table and writes ``<out>/summary.json`` (the reward accuracy and margin on the held-out pairs
    at each validation, the format shares before and after, the wall time).
 
-    python scripts/preference_demo.py                 # 135 s on an idle 2-core CPU (docs/preference.md)
+    python scripts/preference_demo.py                 # ORPO: 119 s on an idle 2-core CPU (docs/preference.md)
+    python scripts/preference_demo.py --config configs/dpo.yaml       # DPO
     python scripts/preference_demo.py --max-steps 20  # a quicker look
     python scripts/preference_demo.py --optimizer.init_args.lr 5e-5   # any other flag goes to litpeft fit
 """
@@ -52,6 +54,7 @@ def format_shares(adapter: str | None, rows: list[dict[str, str]]) -> tuple[floa
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/preference_demo", help="run directory")
+    parser.add_argument("--config", default=str(REPO / "configs" / "orpo.yaml"), help="the preference config")
     parser.add_argument("--max-steps", type=int, default=60, help="optimizer steps (4 pairs each)")
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"base model: {iso_before:.0%} of answers in ISO form ({right_before:.0%} the right date)")
     litpeft(
         [
-            "fit", "--config", str(REPO / "configs" / "dpo.yaml"),
+            "fit", "--config", args.config,
             "--data.init_args.train_file", "demo",
             "--trainer.max_steps", str(args.max_steps),
             "--trainer.val_check_interval", str(max(1, args.max_steps // 4)),
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     summary = {
         "max_steps": args.max_steps,
+        "config": args.config,
         "overrides": overrides,
         "seconds": round(time.monotonic() - start),
         "iso_share": {"before": iso_before, "after": iso_after},
