@@ -15,7 +15,23 @@ from trl.experimental.cpo import CPOTrainer
 
 from litpeft.adapter_dir import load_adapter
 from litpeft.errors import LitPeftError
-from litpeft.methods import LoRA, PrefixTuning, PromptTuning
+from litpeft.methods import (
+    IA3,
+    OFT,
+    AdaLoRA,
+    BitFit,
+    HoulsbyAdapter,
+    LlamaAdapterV2,
+    LNTuning,
+    LoHa,
+    LoKr,
+    LoRA,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    PTuningV2,
+    VeRA,
+)
 from litpeft.methods.llama_adapter import LlamaAdapter
 from litpeft.models import load_model
 from litpeft.preference import PreferenceLM
@@ -65,19 +81,36 @@ def test_init_adapter_makes_the_sft_adapter_the_reference_without_a_second_model
     assert float((reference - _logps(base, b)).abs().max()) > 1e-2  # not the bare base
 
 
-@pytest.mark.parametrize(
-    "method",
-    [PromptTuning(num_virtual_tokens=4), PrefixTuning(num_virtual_tokens=4), LlamaAdapter(adapter_len=4)],
-    ids=["prompt_tuning", "prefix_tuning", "llama_adapter"],
-)
-def test_other_methods_train_under_dpo(method) -> None:
-    """The reference of every family is its base model, and one DPO step moves the rewards."""
-    module = policy("dpo", method=method, beta=0.5)
+#: every method besides LoRA (the other tests' method), small settings for the tiny model
+OTHER_METHODS = {
+    "prompt_tuning": lambda: PromptTuning(num_virtual_tokens=4),
+    "p_tuning": lambda: PTuning(num_virtual_tokens=4),
+    "prefix_tuning": lambda: PrefixTuning(num_virtual_tokens=4),
+    "p_tuning_v2": lambda: PTuningV2(num_virtual_tokens=4),
+    "houlsby": lambda: HoulsbyAdapter(bottleneck_size=8),
+    "llama_adapter": lambda: LlamaAdapter(adapter_len=4),
+    "llama_adapter_v2": lambda: LlamaAdapterV2(adapter_len=4),
+    "ia3": IA3,
+    "ln_tuning": LNTuning,
+    "bitfit": lambda: BitFit(add_missing_biases=True),
+    "vera": lambda: VeRA(r=8),
+    "loha": lambda: LoHa(r=2),
+    "lokr": lambda: LoKr(r=2),
+    "oft": lambda: OFT(oft_block_size=8, r=0),
+    "adalora": lambda: AdaLoRA(init_r=4, target_r=2, total_step=10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_METHODS))
+def test_other_methods_train_under_dpo(name: str) -> None:
+    """The reference of every method is its base model, and one DPO step moves the rewards."""
+    torch.manual_seed(0)  # the methods' own random inits (LoRA-like factors) from a fixed state
+    module = policy("dpo", method=OTHER_METHODS[name](), beta=0.5)
     b = batch(module)
     base = load_model("tiny:llama", tokenizer=module.tokenizer)
     with module.reference_policy():
         assert_close(token_logps(module.model, b)[0].sum(-1), _logps(base, b), rtol=1e-5, atol=1e-4)
-    optimizer = torch.optim.SGD(module.trainable_parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(module.trainable_parameters(), lr=1e-3)  # small: a first-order step
     before = module.preference_loss(b)[0]
     before.backward()
     optimizer.step()
