@@ -24,8 +24,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/litpeft fit --config configs/demo.yaml
 
+# The matrix (tests/matrix, ~640 single-threaded cells of tiny models) runs on two workers (pytest-xdist),
+# so that a 2-core machine's second core is not idle for it; the rest runs in one process (its
+# multi-process, server and cluster tests start their own processes and ports). Both always run.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 tests/matrix; matrix=$$?; \
+	$(BIN)/python -m pytest -q --durations=25 --ignore=tests/matrix; rest=$$?; \
+	test $$matrix -eq 0 && test $$rest -eq 0
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
