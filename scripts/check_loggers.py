@@ -3,10 +3,11 @@
 
 Run by scripts/check_loggers.sh in a throwaway venv that has wandb and mlflow (litpeft does not depend
 on either). Each README line (``--trainer.logger WandbLogger --trainer.logger.project my-project``,
-``--trainer.logger MLFlowLogger --trainer.logger.tracking_uri file:./mlruns``) is taken from README.md
-as written, completed with a tiny model and a short run, and run as a user would, in a temp directory:
-W&B in offline mode (its local run directory), MLflow with its file store. The metrics are then read
-back with each package's own reader and checked at Lightning's log steps.
+``--trainer.logger MLFlowLogger --trainer.logger.tracking_uri sqlite:///mlflow.db``) is taken from
+README.md as written, completed with a tiny model and a short run, and run as a user would, in a temp
+directory: W&B in offline mode (its local run directory), MLflow with a local SQLite store. The metrics
+are read back with each package's own reader and checked at Lightning's log steps; the adapter and
+``config.yaml`` must be in ``--trainer.default_root_dir``.
 
     python scripts/check_loggers.py --workdir /tmp/x --litpeft /tmp/litpeft-loggers/bin/litpeft
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("train/loss", "perf/tokens_per_sec")
-WORDS = "apple river stone cloud maple tiger lemon ocean piano zebra candle forest garden honey island"
+# 12 train / 2 val rows (val_fraction 0.1), batch 2: one epoch is 6 steps and ends with a validation
+WORDS = "apple river stone cloud maple tiger lemon ocean piano zebra candle forest garden honey"
 
 
 def readme_line(logger: str) -> list[str]:
@@ -58,48 +60,56 @@ def fit(litpeft: str, workdir: Path, name: str, args: list[str], steps: int, eve
 
 
 def wandb_history(workdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Metric -> [(trainer/global_step, value)] from the offline run's ``run-*.wandb`` file."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
+    """Metric -> [(trainer/global_step, value)] from the offline run's ``.wandb`` log, read by W&B's own
+    ``wandb leet inspect --json`` (wandb 0.31 writes no ``wandb-summary.json`` offline and has no Python
+    reader of the log; ``wandb.Api`` is online only)."""
     runs = sorted((workdir / "wandb").glob("offline-run-*"))
     if len(runs) != 1:
         sys.exit(f"FAIL: expected one W&B offline run under {workdir / 'wandb'}, found {len(runs)}")
-    (log,) = runs[0].glob("run-*.wandb")
-    store = datastore.DataStore()
-    store.open_for_scan(str(log))
+    wandb = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json"]
+    records = subprocess.run([*wandb, str(runs[0])], capture_output=True, text=True, check=True).stdout
     history: dict[str, list[tuple[int, float]]] = {}
-    while (data := store.scan_data()) is not None:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {
-            item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
-        }
-        for key in METRICS:
-            if key in row:
-                history.setdefault(key, []).append((int(row["trainer/global_step"]), float(row[key])))
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
+    for line in records.splitlines():
+        record = json.loads(line)
+        if record.get("type") == "history":
+            row = record["history"]["item"]
+            for key in METRICS:
+                if key in row:
+                    history.setdefault(key, []).append((int(row["trainer/global_step"]), float(row[key])))
+    summary = json.loads(
+        subprocess.run([*wandb, "--summary", str(runs[0])], capture_output=True, text=True, check=True).stdout
+    )
+    if summary.get("state") != "finished" or summary.get("project") != "my-project":
+        sys.exit(f"FAIL: W&B run state {summary.get('state')!r}, project {summary.get('project')!r}")
     for key in METRICS:  # the summary holds each metric's last value
-        if key not in summary or not history.get(key) or summary[key] != history[key][-1][1]:
-            sys.exit(f"FAIL: W&B summary's {key} ({summary.get(key)}) is not the history's last value")
+        if not history.get(key) or summary["summary"].get(key) != history[key][-1][1]:
+            sys.exit(f"FAIL: W&B summary's {key} ({summary['summary'].get(key)}) is not the history's last")
     return history
 
 
-def mlflow_history(workdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Metric -> [(step, value)] from MLflow's file store, through ``MlflowClient``."""
+def mlflow_history(workdir: Path, tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
+    """Metric -> [(step, value)] from the README's tracking URI, through ``MlflowClient``."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"file:{workdir / 'mlruns'}")
+    os.chdir(workdir)  # the README's URI is relative to where the fit ran
+    client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name("lightning_logs")  # MLFlowLogger's default experiment_name
     if experiment is None:
-        sys.exit("FAIL: no MLflow experiment `lightning_logs` in ./mlruns")
+        sys.exit(f"FAIL: no MLflow experiment `lightning_logs` in {tracking_uri}")
     runs = client.search_runs([experiment.experiment_id])
-    if len(runs) != 1:
-        sys.exit(f"FAIL: expected one MLflow run, found {len(runs)}")
+    if len(runs) != 1 or runs[0].info.status != "FINISHED":
+        sys.exit(f"FAIL: expected one finished MLflow run, found {[r.info.status for r in runs]}")
     run_id = runs[0].info.run_id
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in METRICS}
+
+
+def check_run_dir(workdir: Path, name: str) -> None:
+    """The adapter and config.yaml in ``--trainer.default_root_dir``, nothing in the working directory."""
+    run = workdir / "runs" / name
+    missing = [p for p in (run / "adapter" / "adapter.safetensors", run / "config.yaml") if not p.is_file()]
+    stray = [p for p in (workdir / "adapter", workdir / "config.yaml") if p.exists()]
+    if missing or stray:
+        sys.exit(f"FAIL: {name}: missing {missing}, written to the working directory {stray}")
 
 
 def check(name: str, history: dict[str, list[tuple[int, float]]], steps: list[int]) -> None:
@@ -130,12 +140,17 @@ def main() -> None:
 
     print(f"wandb {wandb.__version__}, mlflow {mlflow.__version__}, lightning {lightning.__version__}")
     fit(args.litpeft, args.workdir, "wandb", readme_line("WandbLogger"), args.steps, args.every)
+    check_run_dir(args.workdir, "wandb")
     check("W&B (offline run)", wandb_history(args.workdir), steps)
-    fit(args.litpeft, args.workdir, "mlflow", readme_line("MLFlowLogger"), args.steps, args.every)
-    check("MLflow (file store)", mlflow_history(args.workdir), steps)
+    mlflow_line = readme_line("MLFlowLogger")
+    fit(args.litpeft, args.workdir, "mlflow", mlflow_line, args.steps, args.every)
+    check_run_dir(args.workdir, "mlflow")
+    tracking_uri = mlflow_line[mlflow_line.index("--trainer.logger.tracking_uri") + 1]
+    check(f"MLflow ({tracking_uri})", mlflow_history(args.workdir, tracking_uri), steps)
     print(
         f"OK: {args.steps} steps, {', '.join(METRICS)} at Lightning's steps {steps} (after optimizer steps "
-        f"{[s + 1 for s in steps]}) read back from W&B's offline run and from MLflow's file store"
+        f"{[s + 1 for s in steps]}) read back from W&B's offline run and from MLflow ({tracking_uri}); adapter and config.yaml in "
+        "--trainer.default_root_dir"
     )
 
 
