@@ -7,15 +7,21 @@ litpeft fit --config configs/lora.yaml --print_config   # the full config, runna
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable
 from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    LRSchedulerTypeTuple,
+    SaveConfigCallback,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from torch.optim import Optimizer
@@ -28,7 +34,7 @@ from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
 from litpeft.monitoring import SpeedMonitor, StepProgressBar, quiet_lightning
 from litpeft.preflight import check_checkpoint, check_config_files, check_fit
-from litpeft.resume import STOPPED_BY_SIGTERM, lock_run, make_resumable, resolve_ckpt_path
+from litpeft.resume import STOPPED_BY_SIGTERM, lock_run, make_resumable, resolve_ckpt_path, run_dir
 from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
 
 log = logging.getLogger(__name__)
@@ -52,11 +58,30 @@ class _Parser(LightningArgumentParser):
         return super()._parse_common(cfg, *args, **kwargs)
 
 
+class _SaveConfig(SaveConfigCallback):
+    """Lightning's ``config.yaml``, in the run directory (:func:`litpeft.resume.run_dir`) instead of
+    ``trainer.log_dir``: W&B's working directory, MLflow's ``./mlruns``, or ``None`` for MLflow with a
+    database or a server (then Lightning's own callback fails with a bare ``AssertionError``)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        directory = run_dir(trainer)
+        if self.save_to_log_dir and not self.already_saved and directory != trainer.log_dir:
+            if trainer.is_global_zero:
+                os.makedirs(directory, exist_ok=True)
+                path = os.path.join(directory, self.config_filename)
+                self.parser.save(
+                    self.config, path, skip_none=False, overwrite=self.overwrite, multifile=self.multifile
+                )
+            self.save_to_log_dir = False  # written: Lightning's setup does the rest (save_config hook)
+        super().setup(trainer, pl_module, stage)
+
+
 class LitPeftCLI(LightningCLI):
     """LightningCLI with PeftLM and InstructionDataModule as defaults (both replaceable by ``class_path``)."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", _SaveConfig)
         kwargs.setdefault("parser_class", _Parser)
         self.argv = list(sys.argv[1:] if args is None else args)  # where an LR or a method arg came from
         super().__init__(

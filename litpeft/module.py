@@ -26,6 +26,7 @@ from litpeft.methods.attention import CPU_SDPA
 from litpeft.methods.lora import loraplus_param_groups
 from litpeft.models import checkpoint_dtype, describe, load_model, load_tokenizer, stored_quantization
 from litpeft.quantize import QuantMode, check_mode, check_stored_mode, quantize_model
+from litpeft.resume import run_dir
 from litpeft.rng_state import TrainingRNG
 from litpeft.schedulers import build_lr_scheduler
 from litpeft.slurm import was_preempted
@@ -49,7 +50,8 @@ class PeftLM(L.LightningModule):
             :mod:`litpeft.quantize`.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         trust_remote_code: allow code from the model directory to run (off by default).
-        adapter_dir: where ``fit`` writes the final adapter; default ``<log_dir>/adapter``.
+        adapter_dir: where ``fit`` writes the final adapter; default ``<log_dir>/adapter``
+            (:func:`litpeft.resume.run_dir`).
         loraplus_lr_ratio: LoRA+ (Hayou et al. 2024, arXiv 2402.12354): train LoRA's ``B`` matrices (and
             DoRA's magnitudes, trained biases) with this many times the optimizer's LR, ``A`` with the LR
             itself (any LoRA variant; see :func:`litpeft.methods.lora.loraplus_param_groups`).
@@ -355,8 +357,7 @@ class PeftLM(L.LightningModule):
         if was_preempted(self.trainer):
             return  # stopped for a requeue: the run is not finished, its resume checkpoint is what counts
         tensors, fingerprint = full_adapter(self)  # a collective under FSDP: every rank gathers
-        # trainer.log_dir broadcasts from rank 0 under DDP/FSDP: every rank must ask for it
-        target = Path(self.adapter_dir) if self.adapter_dir else Path(self.trainer.log_dir or ".") / "adapter"
+        target = Path(self.adapter_dir) if self.adapter_dir else Path(run_dir(self.trainer)) / "adapter"
         if self.trainer.is_global_zero:
             datamodule = getattr(self.trainer, "datamodule", None)
             save_adapter(target, self, getattr(datamodule, "style", None), tensors, fingerprint)

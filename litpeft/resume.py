@@ -5,7 +5,8 @@ and a new process gets a new ``version_N``: ``--ckpt_path last`` then looks in a
 and trains from step 0. Here every such ``ModelCheckpoint`` writes to ``<default_root_dir>/checkpoints``
 (the same for every restart of the run), ``last`` means the newest checkpoint that loads among all of the
 run's checkpoint files (so a kill between the step file and ``last.ckpt`` loses nothing), and an explicit
-resume that finds none is an error instead of a fresh run.
+resume that finds none is an error instead of a fresh run. :func:`run_dir` is where the run's
+``config.yaml`` and adapter go.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from litpeft.checkpoint_io import use_atomic_checkpoints
 from litpeft.errors import LitPeftError
@@ -48,6 +50,16 @@ def stable_checkpoint_dirs(trainer: pl.Trainer) -> list[Path]:
         elif isinstance(cb, PreemptionCheckpoint):
             dirs.append(Path(cb.resolve_dirpath(trainer)))
     return list(dict.fromkeys(dirs))
+
+
+def run_dir(trainer: pl.Trainer) -> str:
+    """Where a fit writes ``config.yaml`` and the adapter: ``trainer.log_dir`` (TensorBoard's or CSV's
+    ``version_N``; ``default_root_dir`` without a logger), else ``default_root_dir``. For other loggers
+    Lightning's ``log_dir`` is their ``save_dir``: W&B's is the working directory (every run's adapter in
+    one ``./adapter``), MLflow's ``./mlruns`` (inside its store) or ``None`` (a database or server URI)."""
+    if trainer.logger is None or isinstance(trainer.logger, (TensorBoardLogger, CSVLogger)):
+        return str(trainer.log_dir)  # broadcasts from rank 0 under DDP/FSDP: every rank must ask for it
+    return trainer.default_root_dir
 
 
 def checkpoint_step(path: str | os.PathLike[str]) -> int | None:

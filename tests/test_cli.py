@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,54 @@ def test_a_step_bounded_run_you_can_watch(tmp_path: Path, word_data: Path) -> No
     assert {"train/loss", "perf/tokens_per_sec", "perf/loss_tokens_per_sec", "perf/peak_rss_gb"} <= scalars
     assert [e.step for e in events.Scalars("perf/tokens_per_sec")] == [1, 3, 5, 7]
     assert "perf/mfu" not in scalars  # no peak FLOPs known for a CPU: no made-up MFU
+
+
+_LOGGER = '''
+import json
+from lightning.pytorch.loggers.logger import Logger
+
+class Recording(Logger):
+    """A logger with W&B's save_dir (".", the working directory) or MLflow's with a server (None)."""
+
+    def __init__(self, save_dir: str | None = None) -> None:
+        super().__init__()
+        self._save_dir = save_dir
+
+    name = property(lambda self: "recording")
+    version = property(lambda self: 0)
+    save_dir = property(lambda self: self._save_dir)
+
+    def log_metrics(self, metrics, step=None):
+        with open("metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\\n")
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+'''
+
+
+@pytest.mark.parametrize("save_dir", [".", None], ids=["wandb-like", "mlflow-server-like"])
+def test_a_logger_without_a_run_directory_of_its_own(
+    tmp_path: Path, word_data: Path, save_dir: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's W&B and MLflow lines: for loggers other than TensorBoard/CSV, Lightning's log_dir is the
+    logger's save_dir. The adapter and config.yaml go to default_root_dir instead: not into the working
+    directory (W&B's ".", shared by every run), and no AssertionError (MLflow with a database or a server:
+    None). The metrics reach the logger at Lightning's log steps."""
+    (tmp_path / "my_logger.py").write_text(_LOGGER)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    args = ["--trainer.logger", "my_logger.Recording"]
+    args += ["--trainer.logger.save_dir", save_dir] if save_dir else []
+    config = str(_tiny_config(tmp_path, word_data))
+    result = run_cli("fit", "--config", config, "--trainer.log_every_n_steps", "2", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs"
+    assert (run / "adapter" / "adapter.safetensors").is_file() and (run / "config.yaml").is_file()
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "config.yaml").exists()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # max_steps 4, every 2: Lightning logs when (step + 1) % 2 == 0 (0-based), as in the TensorBoard test
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 3]
+    assert [r["step"] for r in rows if "perf/tokens_per_sec" in r] == [1, 3]
 
 
 def test_lr_source(tmp_path: Path) -> None:
