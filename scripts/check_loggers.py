@@ -9,7 +9,7 @@ directory: W&B in offline mode (its local run directory), MLflow with a local SQ
 are read back with each package's own reader and checked at Lightning's log steps; the adapter and
 ``config.yaml`` must be in ``--trainer.default_root_dir``.
 
-    python scripts/check_loggers.py --workdir /tmp/x --litpeft /tmp/litpeft-loggers/bin/litpeft
+    python scripts/check_loggers.py --workdir WORK --litpeft .venv-loggers/bin/litpeft
 """
 
 from __future__ import annotations

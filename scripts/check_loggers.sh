@@ -6,15 +6,15 @@
 # lines on a tiny model (W&B offline, MLflow in a local SQLite file; no network) and reads the metrics
 # back with each package's own reader. About 4 minutes on 2 cores, most of it pip.
 #
-#   bash scripts/check_loggers.sh          # venv in /tmp/litpeft-loggers (~2 GB), removed at the end
+#   bash scripts/check_loggers.sh          # venv in .venv-loggers (~2 GB, git-ignored), removed at the end
 #   LOGGERS_VENV=/path LOGGERS_KEEP_VENV=1 bash scripts/check_loggers.sh   # kept (and reused) for a rerun
 #
 # A venv that was there before is reused and never removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${LOGGERS_VENV:-/tmp/litpeft-loggers}"
+VENV="$(realpath -m "${LOGGERS_VENV:-.venv-loggers}")"  # absolute: the runs start in $work
 PYTHON="${PYTHON:-python3}"
-work="$(mktemp -d /tmp/litpeft-loggers-run.XXXXXX)"
+work="$(mktemp -d)"  # the system's temporary directory
 created=0
 cleanup() {
     rm -rf "$work"

@@ -307,7 +307,11 @@ def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) ->
         "eval_s": time.perf_counter() - t0,
         "losses": losses,
         "n_trainable": sum(p.numel() for p in params),
-        "peft_config": {"class": counterpart[0], **counterpart[1]},
+        # the model's spec, not this machine's cache path, goes into the JSON
+        "peft_config": {
+            "class": counterpart[0],
+            **{k: SMOLLM2 if k == "tokenizer_name_or_path" else v for k, v in counterpart[1].items()},
+        },
     }
 
 
