@@ -24,13 +24,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/litpeft fit --config configs/demo.yaml
 
-# The matrix (tests/matrix, ~640 single-threaded cells of tiny models) runs on two workers (pytest-xdist),
-# so that a 2-core machine's second core is not idle for it; the rest runs in one process (its
-# multi-process, server and cluster tests start their own processes and ports). Both always run.
+# The suite runs on two pytest-xdist workers, one core each, so that a 2-core machine's second core is
+# not idle: first the matrix (~640 single-threaded cells of tiny models), then the rest grouped by module
+# (--dist loadscope: a module's fixtures are built once), then the `serial` tests alone (DDP/FSDP,
+# multi-node and the SLURM cluster start their own process groups). All three always run.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 tests/matrix; matrix=$$?; \
-	$(BIN)/python -m pytest -q --durations=25 --ignore=tests/matrix; rest=$$?; \
-	test $$matrix -eq 0 && test $$rest -eq 0
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m "not serial" --ignore=tests/matrix --durations=25; rest=$$?; \
+	$(BIN)/python -m pytest -q -m serial --ignore=tests/matrix; serial=$$?; \
+	test $$matrix -eq 0 && test $$rest -eq 0 && test $$serial -eq 0
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"

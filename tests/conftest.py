@@ -17,7 +17,8 @@ from litpeft.methods import LoRA
 
 SMOLLM2 = "smollm2-135m-instruct"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test`) each of the two workers gets one core; alone, the process takes two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)

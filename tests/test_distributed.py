@@ -30,6 +30,9 @@ from litpeft.module import PeftLM
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import METHODS, MODULE_KWARGS, fit  # noqa: E402
 
+# Starts its own processes on fixed world sizes and times collectives: `make test` runs it alone, not on the xdist workers.
+pytestmark = pytest.mark.serial
+
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 

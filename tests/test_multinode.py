@@ -22,6 +22,9 @@ import pytest
 from distributed_worker import fit
 from test_distributed import adapter, assert_same_adapter, write_equal_length_data
 
+# Starts its own processes on fixed world sizes and times collectives: `make test` runs it alone, not on the xdist workers.
+pytestmark = pytest.mark.serial
+
 WORKER = Path(__file__).parent / "multinode_worker.py"
 NODES = 2
 

@@ -22,6 +22,9 @@ import pytest
 
 from tests.conftest import REPO
 
+# Starts its own processes on fixed world sizes and times collectives: `make test` runs it alone, not on the xdist workers.
+pytestmark = pytest.mark.serial
+
 SCRIPTS = REPO / "scripts" / "slurm"
 TIMEOUT_S = 900  # test_requeue.sh takes ~1 min on an idle 2-core machine, 3 min with load average 14
 

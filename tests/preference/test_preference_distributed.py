@@ -19,6 +19,9 @@ import pytest
 from preference_distributed_worker import fit_dpo
 from test_distributed import adapter, assert_same_adapter
 
+# Starts its own processes on fixed world sizes and times collectives: `make test` runs it alone, not on the xdist workers.
+pytestmark = pytest.mark.serial
+
 WORKER = Path(__file__).parent / "preference_distributed_worker.py"
 
 
