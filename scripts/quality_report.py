@@ -15,15 +15,17 @@ from bench.config import REPO
 #: what follows this line in the page is written by hand and kept when the page is rewritten
 NOTES = "<!-- notes: kept by scripts/quality.py -->"
 
-PEFT_NAMES = {
-    "lora": "LoRA",
-    "dora": "LoRA (use_dora)",
-    "prompt_tuning": "PromptTuning",
-    "p_tuning": "PromptEncoder",
-    "prefix_tuning": "PrefixTuning",
-    "p_tuning_v2": "PrefixTuning (no projection)",
-    "llama_adapter": "AdaptionPrompt",
-}
+def peft_name(r: dict[str, Any] | None) -> str:
+    """The peft config a peft row ran with, from its recorded ``peft_config`` ("-": no peft row)."""
+    if r is None or "peft_config" not in r:
+        return "-"
+    cfg = r["peft_config"]
+    name = cfg["class"]
+    if cfg.get("use_dora"):
+        return f"{name} (use_dora)"
+    if r.get("method") == "p_tuning_v2":
+        return f"{name} (no projection)"
+    return name
 
 
 def machine() -> dict[str, Any]:
@@ -68,8 +70,11 @@ def _secs(r: dict[str, Any] | None, key: str) -> str:
     return "-" if r is None or key not in r else f"{r[key]:.0f}"
 
 
-def write_report(results: list[dict[str, Any]], out: Path, expected: list[str]) -> None:
-    """Write ``out`` (markdown) and ``out.with_suffix('.json')`` from ``results``."""
+def write_report(
+    results: list[dict[str, Any]], out: Path, expected: list[str], in_peft: set[str] | None = None
+) -> None:
+    """Write ``out`` (markdown) and ``out.with_suffix('.json')`` from ``results``; ``in_peft``: the
+    methods peft has (the others' peft column says "not in peft"; ``None``: all of them)."""
     by = {(r["side"], r.get("method")): r for r in results}
     methods = [m for m in expected if ("litpeft", m) in by or ("peft", m) in by]
     missing = [m for m in expected if m not in methods]
@@ -112,14 +117,14 @@ def write_report(results: list[dict[str, Any]], out: Path, expected: list[str]) 
         any_r = lit or pef or {}
         lines.append(
             f"| {m} | {any_r.get('lr', '-')} | {_em(lit)} | {_em(pef)} | "
-            f"{PEFT_NAMES.get(m, 'not in peft') if pef or m not in PEFT_NAMES else PEFT_NAMES[m]} | "
+            f"{peft_name(pef) if in_peft is None or m in in_peft else 'not in peft'} | "
             f"{_secs(lit, 'train_s')} | {_secs(pef, 'train_s')} | {_secs(lit, 'total_s')} | {_secs(pef, 'total_s')} |"
         )
     v = meta["versions"]
     lines += [
         "",
-        f"Runs finished {meta['date']} on {meta['cpu']} ({meta['cores']} cores, shared with other jobs, "
-        f"`nice -n 19`), {meta['os']}.",
+        f"Runs finished {meta['date']} on {meta['cpu']} ({meta['cores']} cores, one job at a time), "
+        f"{meta['os']}.",
         "Versions: "
         + ", ".join(f"{k} {val}" for k, val in v.items() if k != "litpeft")
         + "; litpeft commit of each run: "

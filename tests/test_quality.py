@@ -58,6 +58,19 @@ def test_each_method_reads_its_shipped_config_and_peft_gets_the_same_one(method:
         assert cfg["method"]["init_args"]["use_dora"] and counterpart and counterpart[1]["use_dora"]
 
 
+def test_a_short_run_scales_adaloras_step_schedule_so_that_it_fits() -> None:
+    """The shipped tinit 20 + tfinal 50 leave no budgeting phase in 60 steps: both sides failed there."""
+    from litpeft.methods.adalora_budget import RankAllocator
+
+    args = quality.shipped("adalora", 60)["method"]["init_args"]
+    assert (args["tinit"], args["tfinal"], args["delta_t"]) == (8, 20, 4)
+    schedule = [args[k] for k in ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2")]
+    RankAllocator({}, *schedule).check_schedule(60)  # litpeft's own check: raises on the shipped 20 + 50
+    assert quality.shipped("adalora", 150)["method"]["init_args"]["tinit"] == 20
+    kind, kwargs = quality.peft_counterpart("adalora", args) or ("", {})
+    assert (kwargs["tinit"], kwargs["tfinal"], kwargs["deltaT"]) == (8, 20, 4)
+
+
 def _result(side: str, method: str | None, em: float = 0.5) -> dict[str, Any]:
     return {
         "side": side,
@@ -73,17 +86,36 @@ def _result(side: str, method: str | None, em: float = 0.5) -> dict[str, Any]:
 
 def test_the_page_says_which_methods_are_missing_and_keeps_its_notes(tmp_path: Path) -> None:
     out = tmp_path / "quality.md"
-    results = [_result("base", None, 0.1), _result("litpeft", "lora", 0.9), _result("peft", "lora", 0.8)]
-    write_report(results, out, ["lora", "houlsby"])
+    peft_lora = _result("peft", "lora", 0.8) | {"peft_config": {"class": "LoraConfig", "r": 16}}
+    results = [_result("base", None, 0.1), _result("litpeft", "lora", 0.9), peft_lora]
+    write_report(results, out, ["lora", "houlsby"], in_peft={"lora"})
     text = out.read_text()
     assert "**Partial:** not measured in this run: houlsby." in text
-    assert "| lora | 0.001 | 0.90 | 0.80 | LoRA |" in text and "exact match 0.10" in text
+    assert "| lora | 0.001 | 0.90 | 0.80 | LoraConfig |" in text and "exact match 0.10" in text
     out.write_text(text + NOTES + "\nwhy P-tuning v2 needed a new default\n")
-    write_report(results + [_result("litpeft", "houlsby", 0.7)], out, ["lora", "houlsby"])
+    write_report(results + [_result("litpeft", "houlsby", 0.7)], out, ["lora", "houlsby"], in_peft={"lora"})
     text = out.read_text()
-    assert "Partial" not in text and "| houlsby |" in text
+    assert "Partial" not in text and "| houlsby | 0.001 | 0.70 | - | not in peft |" in text
     assert text.endswith(NOTES + "\nwhy P-tuning v2 needed a new default\n")
     assert out.with_suffix(".json").is_file()
+
+
+def test_the_peft_column_names_the_config_each_peft_row_ran_with(tmp_path: Path) -> None:
+    """From the row's recorded peft_config: a method peft has shows its class even when its peft row
+    failed to record one ("-"), never "not in peft" (the column once said so for every newer method)."""
+    out = tmp_path / "quality.md"
+    dora = {"class": "LoraConfig", "use_dora": True}
+    results = [
+        _result("peft", "dora") | {"peft_config": dora},
+        _result("peft", "p_tuning_v2") | {"peft_config": {"class": "PrefixTuningConfig"}},
+        _result("peft", "oft") | {"peft_config": {"class": "OFTConfig"}},
+        {"side": "peft", "method": "adalora", "steps": 150, "limit": None, "error": "exit 1"},
+    ]
+    write_report(results, out, ["dora", "p_tuning_v2", "oft", "adalora"])
+    text = out.read_text()
+    assert "| LoraConfig (use_dora) |" in text and "| PrefixTuningConfig (no projection) |" in text
+    assert "| oft | 0.001 | - | 0.50 | OFTConfig |" in text and "| adalora | - | - | error | - |" in text
+    assert "not in peft" not in text
 
 
 @pytest.mark.integration
