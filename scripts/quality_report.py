@@ -15,6 +15,7 @@ from bench.config import REPO
 #: what follows this line in the page is written by hand and kept when the page is rewritten
 NOTES = "<!-- notes: kept by scripts/quality.py -->"
 
+
 def peft_name(r: dict[str, Any] | None) -> str:
     """The peft config a peft row ran with, from its recorded ``peft_config`` ("-": no peft row)."""
     if r is None or "peft_config" not in r:
