@@ -141,3 +141,48 @@ def test_shipped_attention_configs_keep_the_base_models_loss_at_step_0(method: s
     base = loss_of(model)
     method_from_config(quality.shipped(method)["method"]).apply(model)
     assert loss_of(model) < 2 * base
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["PromptTuningConfig", "PrefixTuningConfig"])
+def test_the_peft_side_scores_prompt_learning_with_peft_s_own_forward(kind: str, smollm2: str) -> None:
+    """peft 0.21's generate with the KV cache answered "219-\\n\\n\\n" on SmolLM2 where a greedy loop of
+    the same PeftModel's forward answered "21-Sep-1959": the table's peft EM was 0.00 for prompt tuning.
+    The peft side's answers (quality.eval_without_cache, then litpeft's generate) equal that loop's."""
+    import peft
+    from bench.data import datamodule
+    from transformers import AutoModelForCausalLM
+
+    from litpeft.evaluation import split_for_generation
+    from litpeft.inference import generate
+    from litpeft.models import resolve_spec
+
+    path = str(resolve_spec(smollm2))
+    dm = datamodule(smollm2, "demo")
+    tok = dm.tokenizer
+    messages, _ = split_for_generation(dm.val_samples[:2])
+    prompts = [dm.style.generation_prompt(m, tok) for m in messages]
+    torch.manual_seed(0)
+    text = {
+        "prompt_tuning_init": "TEXT",
+        "prompt_tuning_init_text": "Reply with the date only.",
+        "tokenizer_name_or_path": path,
+    }
+    kwargs = {"num_virtual_tokens": 8, **(text if kind == "PromptTuningConfig" else {})}
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        getattr(peft, kind)(task_type="CAUSAL_LM", **kwargs),
+    )
+    if kind == "PrefixTuningConfig":  # peft's N(0, 1) prefix wrecks the model: keep it at the keys' scale
+        with torch.no_grad():
+            model.prompt_encoder.default.embedding.weight.mul_(0.05)
+    quality.eval_without_cache(model)
+    answers = generate(model, tok, prompts, max_new_tokens=8, batch_size=1)
+    model.eval()
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            for _ in range(8):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        loop = tok.decode(ids[0, -8:], skip_special_tokens=True)
+        assert answer == loop[: len(answer)] and answer.strip()
