@@ -22,6 +22,7 @@ from lightning.pytorch.cli import (
     LRSchedulerTypeTuple,
     SaveConfigCallback,
 )
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from torch.optim import Optimizer
@@ -32,7 +33,7 @@ from litpeft.errors import InvalidArgument, LitPeftError, find_cause, parse_erro
 from litpeft.method_switch import choose_switched
 from litpeft.methods import METHODS
 from litpeft.module import DEFAULT_OPTIMIZER, PeftLM
-from litpeft.monitoring import SpeedMonitor, StepProgressBar, quiet_lightning
+from litpeft.monitoring import SpeedMonitor, StepProgressBar, hyperparameters, quiet_lightning
 from litpeft.preflight import check_checkpoint, check_config_files, check_fit
 from litpeft.resume import STOPPED_BY_SIGTERM, lock_run, make_resumable, resolve_ckpt_path, run_dir
 from litpeft.slurm import PreemptionCheckpoint, auto_resume_checkpoint, check_slurm_layout, is_slurm_job
@@ -74,6 +75,16 @@ class _SaveConfig(SaveConfigCallback):
                 )
             self.save_to_log_dir = False  # written: Lightning's setup does the rest (save_config hook)
         super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """The config as the hyperparameters of W&B, MLflow and other loggers (W&B's config panel, MLflow's
+        params). TensorBoard's and CSV's run directories hold config.yaml already. Rank zero only."""
+        config = self.config.clone()
+        config.pop("config", None)  # the --config file paths: their values are logged
+        params = hyperparameters(config.as_dict())
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger | CSVLogger):
+                logger.log_hyperparams(params)
 
 
 class LitPeftCLI(LightningCLI):

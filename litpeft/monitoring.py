@@ -159,6 +159,29 @@ class StepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
 
 
+def hyperparameters(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """The run's config as flat ``{"model/method/r": 16, ...}`` for every logger's ``log_hyperparams``.
+
+    A ``{class_path, init_args}`` node becomes its class under its own key and its arguments below it
+    (``model/method: litpeft.methods.LoRA``); lists are indexed. Flat and short, because MLflow cuts a
+    value at 250 characters and TensorBoard's HPARAMS takes scalars and strings only.
+    """
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        if "class_path" in tree:
+            out[prefix] = tree["class_path"]
+            tree = tree.get("init_args") or {}
+        for key, value in tree.items():
+            out |= hyperparameters(value, f"{prefix}/{key}" if prefix else str(key))
+        return out
+    if isinstance(tree, list | tuple):
+        out = {}
+        for i, value in enumerate(tree):
+            out |= hyperparameters(value, f"{prefix}/{i}")
+        return out
+    return {prefix: tree if tree is None or isinstance(tree, int | float | str | bool) else str(tree)}
+
+
 class _NoTips(logging.Filter):
     """Drops Lightning's advertisements (``💡 Tip: ... try installing litlogger/litmodels``)."""
 

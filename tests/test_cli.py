@@ -239,7 +239,8 @@ class Recording(Logger):
             f.write(json.dumps({"step": step, **metrics}) + "\\n")
 
     def log_hyperparams(self, params, *args, **kwargs):
-        pass
+        with open("hparams.json", "w") as f:
+            json.dump(params, f)
 '''
 
 
@@ -265,6 +266,14 @@ def test_a_logger_without_a_run_directory_of_its_own(
     # max_steps 4, every 2: Lightning logs when (step + 1) % 2 == 0 (0-based), as in the TensorBoard test
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 3]
     assert [r["step"] for r in rows if "perf/tokens_per_sec" in r] == [1, 3]
+    # the run's config as hyperparameters (W&B's config panel, MLflow's params), flat, one key per value
+    params = json.loads((tmp_path / "hparams.json").read_text())
+    tiny = yaml.safe_load(Path(config).read_text())
+    assert params["model/method"].startswith("litpeft.methods.") and params["model/method"].endswith(".LoRA")
+    assert params["model/method/r"] == tiny["model"]["init_args"]["method"]["init_args"]["r"]
+    assert params["optimizer/lr"] == tiny["optimizer"]["init_args"]["lr"]
+    assert params["trainer/max_steps"] == 4 and params["trainer/log_every_n_steps"] == 2
+    assert all(not isinstance(v, dict | list) for v in params.values())
 
 
 def test_lr_source(tmp_path: Path) -> None:

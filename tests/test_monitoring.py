@@ -111,3 +111,29 @@ def test_no_mfu_without_a_known_peak(tmp_path: Path) -> None:
     rows = _fit(tmp_path, _batches(2), log_every=1)
     assert len(rows) == 2 and all(not r.get("perf/mfu") for r in rows)
     assert monitoring.device_peak_flops(L.Trainer(accelerator="cpu", logger=False)) is None
+
+
+def test_hyperparameters_are_flat_with_a_key_per_value() -> None:
+    from litpeft.monitoring import hyperparameters
+
+    config = {
+        "seed_everything": 42,
+        "model": {
+            "class_path": "litpeft.module.PeftLM",
+            "init_args": {"method": {"class_path": "X", "init_args": {"r": 8, "targets": ["q", "v"]}}},
+        },
+        "trainer": {"callbacks": [{"class_path": "C", "init_args": {"every": 2}}], "precision": None},
+        "ckpt_path": Path("runs/last.ckpt"),
+    }
+    assert hyperparameters(config) == {
+        "seed_everything": 42,
+        "model": "litpeft.module.PeftLM",
+        "model/method": "X",
+        "model/method/r": 8,
+        "model/method/targets/0": "q",
+        "model/method/targets/1": "v",
+        "trainer/callbacks/0": "C",
+        "trainer/callbacks/0/every": 2,
+        "trainer/precision": None,
+        "ckpt_path": "runs/last.ckpt",
+    }
