@@ -103,6 +103,39 @@ def mlflow_history(workdir: Path, tracking_uri: str) -> dict[str, list[tuple[int
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in METRICS}
 
 
+#: hyperparameters each logger must hold, with configs/lora.yaml's values (as litpeft's config logs them)
+PARAMS = {"model/method/r": 16, "optimizer/lr": 0.0002, "trainer/max_steps": None}
+
+
+def wandb_params(workdir: Path) -> dict[str, object]:
+    """The offline run's config, from ``wandb leet inspect --summary --json`` (values may be ``{value: ...}``)."""
+    (run,) = sorted((workdir / "wandb").glob("offline-run-*"))
+    wandb = [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json"]
+    config = json.loads(subprocess.run([*wandb, str(run)], capture_output=True, text=True, check=True).stdout)
+    config = config.get("config") or {}
+    return {k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in config.items()}
+
+
+def mlflow_params(workdir: Path, tracking_uri: str) -> dict[str, object]:
+    """The run's params (MLflow keeps them as strings)."""
+    from mlflow.tracking import MlflowClient
+
+    os.chdir(workdir)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("lightning_logs")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    return dict(run.data.params)
+
+
+def check_params(name: str, params: dict[str, object], steps: int) -> None:
+    expected = {**PARAMS, "trainer/max_steps": steps}
+    got = {key: params.get(key) for key in expected}
+    if any(str(got[key]) != str(value) for key, value in expected.items()):
+        sys.exit(f"FAIL: {name}'s hyperparameters {got}, expected {expected} ({len(params)} in all)")
+    print(f"  {name} hyperparameters: {len(params)}, including {got}")
+
+
 def check_run_dir(workdir: Path, name: str) -> None:
     """The adapter and config.yaml in ``--trainer.default_root_dir``, nothing in the working directory."""
     run = workdir / "runs" / name
@@ -142,15 +175,17 @@ def main() -> None:
     fit(args.litpeft, args.workdir, "wandb", readme_line("WandbLogger"), args.steps, args.every)
     check_run_dir(args.workdir, "wandb")
     check("W&B (offline run)", wandb_history(args.workdir), steps)
+    check_params("W&B", wandb_params(args.workdir), args.steps)
     mlflow_line = readme_line("MLFlowLogger")
     fit(args.litpeft, args.workdir, "mlflow", mlflow_line, args.steps, args.every)
     check_run_dir(args.workdir, "mlflow")
     tracking_uri = mlflow_line[mlflow_line.index("--trainer.logger.tracking_uri") + 1]
     check(f"MLflow ({tracking_uri})", mlflow_history(args.workdir, tracking_uri), steps)
+    check_params("MLflow", mlflow_params(args.workdir, tracking_uri), args.steps)
     print(
         f"OK: {args.steps} steps, {', '.join(METRICS)} at Lightning's steps {steps} (after optimizer steps "
-        f"{[s + 1 for s in steps]}) read back from W&B's offline run and from MLflow ({tracking_uri}); adapter and config.yaml in "
-        "--trainer.default_root_dir"
+        f"{[s + 1 for s in steps]}) read back from W&B's offline run and from MLflow ({tracking_uri}), with the config as "
+        "hyperparameters; adapter and config.yaml in --trainer.default_root_dir"
     )
 
 
