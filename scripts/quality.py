@@ -58,6 +58,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "oft": ("oft", {}),
 }
 DEFAULT_OUT = REPO / "docs" / "quality.md"
+#: prompts per generation batch for exact match (make demo's figure keeps one batching)
+EVAL_BATCH = 50
 #: the training budget the shipped configs' step schedules are written for (the issue's 150 steps)
 SCHEDULE_STEPS = 150
 
@@ -95,7 +97,9 @@ def in_peft() -> set[str]:
 
 
 # -- one (side, method) in its own process -----------------------------------------------------------
-def exact_match_of(model: Any, tokenizer: Any, dm: Any, limit: int | None) -> float:
+def exact_match_of(
+    model: Any, tokenizer: Any, dm: Any, limit: int | None, batch_size: int = EVAL_BATCH
+) -> float:
     """``make demo``'s figure: :class:`ExactMatchEvaluation` on ``model`` (bf16 autocast, as in training)."""
     from types import SimpleNamespace
 
@@ -103,7 +107,7 @@ def exact_match_of(model: Any, tokenizer: Any, dm: Any, limit: int | None) -> fl
 
     from litpeft.evaluation import ExactMatchEvaluation
 
-    evaluation = ExactMatchEvaluation(limit=limit, max_new_tokens=12, batch_size=50)
+    evaluation = ExactMatchEvaluation(limit=limit, max_new_tokens=12, batch_size=batch_size)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return evaluation._evaluate(
             SimpleNamespace(datamodule=dm), SimpleNamespace(model=model, tokenizer=tokenizer)
@@ -206,8 +210,7 @@ def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) ->
         losses.append(loss.item())
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    eval_without_cache(model)
-    em = exact_match_of(model, dm.tokenizer, dm, limit)
+    em = exact_match_of(model, dm.tokenizer, dm, limit, peft_eval_batch_size(model))
     return {
         "exact_match": em,
         "train_s": train_s,
@@ -222,17 +225,24 @@ def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) ->
     }
 
 
-def eval_without_cache(model: Any) -> None:
-    """Greedy answers of a prompt-learning PeftModel from peft's own forward, without the KV cache.
+def peft_eval_batch_size(model: Any) -> int:
+    """How peft's side generates: a prompt-learning PeftModel one prompt at a time, without the KV cache.
 
-    With peft 0.21.2 and transformers 5.24, ``PeftModel.generate`` with the cache gives other answers than
-    peft's own forward on SmolLM2 (prompt tuning, text init, untrained: "219-\\n\\n..." where a greedy
-    loop of its forward says "21-Sep-1959"); the 60-step table's peft EM was 0.00 for prompt tuning
-    and P-tuning while their losses tracked litpeft's. Without the cache, generate equals that loop
-    (tests/test_quality.py). Slower, and it is not counted in the train time.
+    With peft 0.21.2 and transformers 5.24, a prompt-learning ``PeftModel``'s answers differ from what its
+    own forward (the one it trained with) gives, in two ways (tests/test_quality.py):
+
+    - ``generate`` with the KV cache drops the soft prompt or prefix: it answers as the base model does
+      (the 60-step table's peft EM was 0.00 for prompt tuning and P-tuning, 0.20 for the prefix methods);
+    - peft ignores the position ids, so in a left-padded batch each row's positions are shifted by its
+      padding; a prefix (keys that carry no position of their own) is then read from the wrong distances.
+
+    Without the cache and at batch 1 (no padding), generate equals a greedy loop of peft's forward. Slower,
+    and not counted in the train time. Any other PeftModel: the cache and ``EVAL_BATCH``, as litpeft's side.
     """
-    if model.peft_config[model.active_adapter].is_prompt_learning:
-        model.base_model.generation_config.use_cache = False
+    if not model.peft_config[model.active_adapter].is_prompt_learning:
+        return EVAL_BATCH
+    model.base_model.generation_config.use_cache = False
+    return 1
 
 
 class _Steps:

@@ -147,8 +147,9 @@ def test_shipped_attention_configs_keep_the_base_models_loss_at_step_0(method: s
 @pytest.mark.parametrize("kind", ["PromptTuningConfig", "PrefixTuningConfig"])
 def test_the_peft_side_scores_prompt_learning_with_peft_s_own_forward(kind: str, smollm2: str) -> None:
     """peft 0.21's generate with the KV cache answered "219-\\n\\n\\n" on SmolLM2 where a greedy loop of
-    the same PeftModel's forward answered "21-Sep-1959": the table's peft EM was 0.00 for prompt tuning.
-    The peft side's answers (quality.eval_without_cache, then litpeft's generate) equal that loop's."""
+    the same PeftModel's forward answered "21-Sep-1959" (the table's peft EM was 0.00 for prompt tuning),
+    and a left-padded batch shifts a prefix's distances (0.00 for prefix tuning). The peft side's answers
+    (quality.peft_eval_batch_size, then litpeft's generate) equal that loop's, prompt by prompt."""
     import peft
     from bench.data import datamodule
     from transformers import AutoModelForCausalLM
@@ -160,8 +161,10 @@ def test_the_peft_side_scores_prompt_learning_with_peft_s_own_forward(kind: str,
     path = str(resolve_spec(smollm2))
     dm = datamodule(smollm2, "demo")
     tok = dm.tokenizer
-    messages, _ = split_for_generation(dm.val_samples[:2])
+    messages, _ = split_for_generation(dm.val_samples[:3])
     prompts = [dm.style.generation_prompt(m, tok) for m in messages]
+    lengths = {len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts}
+    assert len(lengths) > 1  # a batch of them would be padded
     torch.manual_seed(0)
     text = {
         "prompt_tuning_init": "TEXT",
@@ -176,8 +179,7 @@ def test_the_peft_side_scores_prompt_learning_with_peft_s_own_forward(kind: str,
     if kind == "PrefixTuningConfig":  # peft's N(0, 1) prefix wrecks the model: keep it at the keys' scale
         with torch.no_grad():
             model.prompt_encoder.default.embedding.weight.mul_(0.05)
-    quality.eval_without_cache(model)
-    answers = generate(model, tok, prompts, max_new_tokens=8, batch_size=1)
+    answers = generate(model, tok, prompts, 8, quality.peft_eval_batch_size(model), longest_first=False)
     model.eval()
     for prompt, answer in zip(prompts, answers, strict=True):
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
