@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.config import REPO, SEED, SMOLLM2  # noqa: E402
 from bench.peft_counterparts import peft_counterpart  # noqa: E402
-from quality_report import write_report  # noqa: E402
+from quality_report import readme_table, write_readme_table, write_report  # noqa: E402
 
 #: method -> (shipped config, overrides of its method init_args)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({k: v for k, v in res.items() if k != "losses"}), flush=True)
             write_report(results, args.out, list(METHODS), in_peft())  # a stopped run keeps its figures
     write_report(results, args.out, list(METHODS), in_peft())
+    if args.out == DEFAULT_OUT:  # README.md's copy of the published table
+        write_readme_table(readme_table(results, list(METHODS)))
     print(f"wrote {args.out} and {data_file}")
 
 
