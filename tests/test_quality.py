@@ -19,7 +19,7 @@ assert _spec is not None and _spec.loader is not None
 quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
 
-from quality_report import NOTES, write_report  # noqa: E402  (scripts/ is on the path above)
+from quality_report import NOTES, README_END, README_START, readme_table, write_readme_table, write_report  # noqa: E402  (scripts/ is on the path above)
 
 PEFT_HAS = {
     "lora",
@@ -116,6 +116,24 @@ def test_the_peft_column_names_the_config_each_peft_row_ran_with(tmp_path: Path)
     assert "| LoraConfig (use_dora) |" in text and "| PrefixTuningConfig (no projection) |" in text
     assert "| oft | 0.001 | - | 0.50 | OFTConfig |" in text and "| adalora | - | - | error | - |" in text
     assert "not in peft" not in text
+
+
+def test_the_readme_table_is_the_published_one(tmp_path: Path) -> None:
+    """README.md's quality table is generated from docs/quality.json, between its markers."""
+    import json
+
+    results = json.loads((REPO / "docs" / "quality.json").read_text())["results"]
+    table = readme_table(results, list(quality.METHODS))
+    readme = (REPO / "README.md").read_text()
+    assert readme.split(README_START, 1)[1].split(README_END, 1)[0] == "\n" + table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(quality.METHODS)  # the header and every method
+    lora = next(r for r in results if r["side"] == "litpeft" and r["method"] == "lora")
+    assert f"| lora | {lora['exact_match']:.2f} |" in table
+    copy = tmp_path / "README.md"
+    copy.write_text(f"intro\n{README_START}\nold\n{README_END}\noutro\n")
+    write_readme_table("new\n", copy)
+    assert copy.read_text() == f"intro\n{README_START}\nnew\n{README_END}\noutro\n"
 
 
 @pytest.mark.integration

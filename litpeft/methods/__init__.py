@@ -16,7 +16,8 @@ from litpeft.methods.loha import LoHa, LoHaLinear
 from litpeft.methods.lokr import LoKr, LoKrLinear
 from litpeft.methods.lora import LoRA, LoRALinear
 from litpeft.methods.oft import OFT, OFTLinear
-from litpeft.methods.prefix import PrefixTuning, PTuningV2
+from litpeft.methods.p_tuning_v2 import PTuningV2
+from litpeft.methods.prefix import PrefixTuning
 from litpeft.methods.prompt import PromptTuning, PTuning
 from litpeft.methods.vera import VeRA, VeRALinear
 

@@ -1,4 +1,5 @@
-"""Prefix tuning (Li & Liang 2021, arXiv 2101.00190) and P-tuning v2 (Liu et al. 2022, arXiv 2110.07602).
+"""Prefix tuning (Li & Liang 2021, arXiv 2101.00190); P-tuning v2 (:mod:`litpeft.methods.p_tuning_v2`) is
+the same mechanism without the reparameterization.
 
 Both give every layer ``N`` trainable key/value vectors that each query attends to before the real tokens
 (paper eq. 2: ``h_i = P_theta[i, :]`` for ``i`` in the prefix). The prefix occupies positions ``0..N-1``,
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from litpeft.deprecation import moved_names
 from litpeft.errors import LitPeftError
 from litpeft.methods.attention import (
     AttentionCall,
@@ -48,6 +50,8 @@ from litpeft.methods.layout import (
     text_config,
 )
 from litpeft.methods.prompt import _load_tokenizer
+
+__getattr__ = moved_names(__name__, {"PTuningV2": "litpeft.methods.p_tuning_v2"})  # adapters saved before
 
 PREFIX = "litpeft_prefix"  # attention slot that holds a layer's PrefixKV
 ENCODER = "litpeft_prefix_encoder"  # slot of the model that holds the reparameterization MLP
@@ -341,45 +345,6 @@ class PrefixTuning(PeftMethod):
             "base_model_name_or_path": getattr(text, "_name_or_path", None) or None,
         }
         return config, {"prompt_embeddings": torch.cat(rows, dim=1).contiguous()}
-
-
-class PTuningV2(PrefixTuning):
-    """P-tuning v2: deep prompts, trainable key/value prefixes on every layer, no reparameterization.
-
-    Args:
-        num_virtual_tokens: prompt length ``N`` per layer.
-        prefix_projection: train through prefix tuning's MLP instead (the paper's optional
-            reparameterization, useful on some tasks, sec. 3.3).
-        encoder_hidden_size: MLP width when ``prefix_projection``; ``None``: ``kv_dim``.
-        embedding_dim: embedding width when ``prefix_projection``; ``None``: ``kv_dim``.
-        prefix_dropout: dropout on the prompt keys/values in training.
-        init_text: start the prompts at the frozen model's own keys/values of this text (see
-            :class:`PrefixTuning`); ``None``: standard normal.
-        tokenizer: model spec whose tokenizer tokenizes ``init_text``; default the base model's own.
-    """
-
-    name = "p_tuning_v2"
-    learning_rate = 5e-3  # configs/p_tuning_v2.yaml (direct prompts, init_text)
-
-    def __init__(
-        self,
-        num_virtual_tokens: int = 20,
-        prefix_projection: bool = False,
-        encoder_hidden_size: int | None = None,
-        embedding_dim: int | None = None,
-        prefix_dropout: float = 0.0,
-        init_text: str | None = None,
-        tokenizer: str | None = None,
-    ) -> None:
-        super().__init__(
-            num_virtual_tokens,
-            prefix_projection,
-            encoder_hidden_size,
-            embedding_dim,
-            prefix_dropout,
-            init_text,
-            tokenizer,
-        )
 
 
 def drop_reparameterization(model: nn.Module) -> None:

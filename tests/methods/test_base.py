@@ -142,7 +142,11 @@ def test_a_method_that_overrides_to_peft_is_exportable_without_declaring_it() ->
 
 def test_method_from_config_resolves_short_names_and_import_paths() -> None:
     assert isinstance(method_from_config({"class_path": "lora", "init_args": {"r": 2}}), LoRA)
-    assert type(method_from_config({"class_path": "litpeft.methods.prefix.PTuningV2"})) is PTuningV2
+    assert type(method_from_config({"class_path": "litpeft.methods.p_tuning_v2.PTuningV2"})) is PTuningV2
+    # adapter.yaml files written before P-tuning v2 had a file of its own still load, with one warning
+    old_path = r"litpeft\.methods\.prefix\.PTuningV2 moved to litpeft\.methods\.p_tuning_v2\.PTuningV2"
+    with pytest.warns(FutureWarning, match=old_path):
+        assert type(method_from_config({"class_path": "litpeft.methods.prefix.PTuningV2"})) is PTuningV2
     with pytest.raises(LitPeftError, match="unknown method 'nope'"):
         method_from_config({"class_path": "nope"})
     with pytest.raises(LitPeftError, match="'litpeft.errors.LitPeftError' is not a litpeft PeftMethod"):
