@@ -114,7 +114,9 @@ def exact_match_of(
         )
 
 
-def run_litpeft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) -> dict[str, Any]:
+def run_litpeft(
+    method: str, steps: int, limit: int | None, cfg: dict[str, Any], seed: int = SEED
+) -> dict[str, Any]:
     import tempfile
 
     import lightning as L
@@ -138,7 +140,7 @@ def run_litpeft(method: str, steps: int, limit: int | None, cfg: dict[str, Any])
         def on_train_end(self, trainer: L.Trainer, module: Any) -> None:
             times["train_end"] = time.perf_counter()
 
-    L.seed_everything(SEED, verbose=False)
+    L.seed_everything(seed, verbose=False)
     dm = datamodule(SMOLLM2, "demo")
     with tempfile.TemporaryDirectory() as tmp:
         module = PeftLM(model=SMOLLM2, method=method_from_config(cfg["method"]), adapter_dir=tmp)
@@ -171,7 +173,9 @@ def run_litpeft(method: str, steps: int, limit: int | None, cfg: dict[str, Any])
     }
 
 
-def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) -> dict[str, Any]:
+def run_peft(
+    method: str, steps: int, limit: int | None, cfg: dict[str, Any], seed: int = SEED
+) -> dict[str, Any]:
     import torch
     from bench.data import datamodule
     from bench.run_peft import peft_model
@@ -189,7 +193,7 @@ def run_peft(method: str, steps: int, limit: int | None, cfg: dict[str, Any]) ->
         data.append(batch)
         if len(data) == steps:
             break
-    model = peft_model({"model": SMOLLM2, "method": method, "precision": cfg["precision"]}, counterpart)
+    model = peft_model({"model": SMOLLM2, "method": method, "precision": cfg["precision"]}, counterpart, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = instantiate_class(params, cfg["optimizer"])
     sched = build_lr_scheduler(opt, cfg["lr_scheduler"], _Steps(steps)) if cfg["lr_scheduler"] else None
@@ -271,13 +275,13 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     else:
         cfg = shipped(job["method"], job["steps"])
         run = run_litpeft if job["side"] == "litpeft" else run_peft
-        out = run(job["method"], job["steps"], job["limit"], cfg)
+        out = run(job["method"], job["steps"], job["limit"], cfg, job.get("seed", SEED))
         out.update(
             config=cfg["config"],
             method_args=cfg["method"]["init_args"],
             lr=cfg["optimizer"]["init_args"]["lr"],
         )
-    from quality_report import versions
+    from quality_report import machine, versions
 
     finished = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return {
@@ -286,6 +290,7 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         "total_s": time.perf_counter() - t0,
         "finished": finished,
         "litpeft": versions()["litpeft"],
+        "cpu": machine()["cpu"],  # a table can span sittings on machines of the same kind
     }
 
 
@@ -313,6 +318,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out rows only")
     p.add_argument("--sides", default="litpeft,peft", help="litpeft, peft or both")
     p.add_argument("--no-base", action="store_true", help="skip the base model's exact match")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help=f"seed of the adapters' initial draws (default {SEED}); the batches stay the same",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the page; the JSON goes next to it")
     p.add_argument("--report-only", action="store_true", help="rewrite the page from the JSON")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -328,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             p.error(f"unknown methods: {', '.join(sorted(unknown))}")
         sides = [s.strip() for s in args.sides.split(",")]
-        common = {"steps": args.steps, "limit": args.limit}
+        common = {"steps": args.steps, "limit": args.limit, "seed": args.seed}
         jobs: list[dict[str, Any]] = [] if args.no_base else [{"side": "base", **common}]
         for i, method in enumerate(methods):
             order = sides if i % 2 == 0 else sides[::-1]  # alternate who goes first: same load for both

@@ -42,6 +42,12 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform()}
 
 
+def cpus(results: list[dict[str, Any]], current: str) -> str:
+    """The CPUs the rows ran on ("an unrecorded CPU": rows from before the ``cpu`` field)."""
+    names = sorted({r.get("cpu", "an unrecorded CPU") for r in results})
+    return " and ".join(names) if names else current
+
+
 def versions() -> dict[str, str]:
     import lightning
     import peft
@@ -124,8 +130,8 @@ def write_report(
     v = meta["versions"]
     lines += [
         "",
-        f"Runs finished {meta['date']} on {meta['cpu']} ({meta['cores']} cores, one job at a time), "
-        f"{meta['os']}.",
+        f"Runs finished {meta['date']} on {cpus(results, meta['cpu'])} ({meta['cores']} cores, one job at "
+        f"a time), {meta['os']}.",
         "Versions: "
         + ", ".join(f"{k} {val}" for k, val in v.items() if k != "litpeft")
         + "; litpeft commit of each run: "

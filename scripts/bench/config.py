@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,10 @@ def method_available(name: str) -> str | None:
     import litpeft.methods as pkg
     from litpeft.methods import METHODS as REGISTRY
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        with contextlib.suppress(Exception):
-            importlib.import_module(f"litpeft.methods.{info.name}")
+    with warnings.catch_warnings():  # the moved modules' aliases (litpeft.methods.adapter) warn on import
+        warnings.simplefilter("ignore", FutureWarning)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            with contextlib.suppress(Exception):
+                importlib.import_module(f"litpeft.methods.{info.name}")
     short = METHODS[name]["litpeft"]["class_path"]
     return None if short in REGISTRY else "not available in this checkout"

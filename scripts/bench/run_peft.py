@@ -10,7 +10,9 @@ from bench.data import batches, model_spec
 from bench.measure import StepTimer, rss_mb
 
 
-def peft_model(cfg: dict[str, Any], config: tuple[str, dict[str, Any]] | None = None) -> Any:
+def peft_model(
+    cfg: dict[str, Any], config: tuple[str, dict[str, Any]] | None = None, seed: int = SEED
+) -> Any:
     """The base model of ``cfg["model"]`` with peft's counterpart of ``cfg["method"]`` (or ``config``:
     a peft config class name and its arguments), in training mode."""
     import peft
@@ -19,7 +21,7 @@ def peft_model(cfg: dict[str, Any], config: tuple[str, dict[str, Any]] | None = 
 
     from litpeft.models import resolve_spec
 
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     if cfg["model"].startswith("tiny:"):  # for trying the script out quickly
         from litpeft.models import load_model
 
