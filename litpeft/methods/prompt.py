@@ -179,7 +179,7 @@ class PTuning(PeftMethod):
     """
 
     name = "p_tuning"
-    learning_rate = 1e-3  # configs/p_tuning.yaml
+    learning_rate = 5e-4  # configs/p_tuning.yaml (1e-3 stalled on some initial draws)
     exportable_to_peft = True  # with placement: prefix (peft_refusal)
     not_mergeable_reason = (
         "P-tuning cannot be merged into the base weights: its virtual tokens are extra inputs"
