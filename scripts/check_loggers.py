@@ -21,6 +21,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 METRICS = ("train/loss", "perf/tokens_per_sec")
@@ -87,8 +88,8 @@ def wandb_history(workdir: Path) -> dict[str, list[tuple[int, float]]]:
     return history
 
 
-def mlflow_history(workdir: Path, tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
-    """Metric -> [(step, value)] from the README's tracking URI, through ``MlflowClient``."""
+def mlflow_run(workdir: Path, tracking_uri: str) -> tuple[Any, Any]:
+    """``(MlflowClient, the one finished run)`` at the README's tracking URI."""
     from mlflow.tracking import MlflowClient
 
     os.chdir(workdir)  # the README's URI is relative to where the fit ran
@@ -99,8 +100,14 @@ def mlflow_history(workdir: Path, tracking_uri: str) -> dict[str, list[tuple[int
     runs = client.search_runs([experiment.experiment_id])
     if len(runs) != 1 or runs[0].info.status != "FINISHED":
         sys.exit(f"FAIL: expected one finished MLflow run, found {[r.info.status for r in runs]}")
-    run_id = runs[0].info.run_id
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in METRICS}
+    return client, runs[0]
+
+
+def mlflow_history(workdir: Path, tracking_uri: str) -> dict[str, list[tuple[int, float]]]:
+    """Metric -> [(step, value)] of the run, through ``MlflowClient``."""
+    client, run = mlflow_run(workdir, tracking_uri)
+    history = {key: client.get_metric_history(run.info.run_id, key) for key in METRICS}
+    return {key: sorted((m.step, m.value) for m in metrics) for key, metrics in history.items()}
 
 
 #: hyperparameters each logger must hold, with configs/lora.yaml's values (as litpeft's config logs them)
@@ -118,14 +125,7 @@ def wandb_params(workdir: Path) -> dict[str, object]:
 
 def mlflow_params(workdir: Path, tracking_uri: str) -> dict[str, object]:
     """The run's params (MLflow keeps them as strings)."""
-    from mlflow.tracking import MlflowClient
-
-    os.chdir(workdir)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("lightning_logs")
-    assert experiment is not None
-    (run,) = client.search_runs([experiment.experiment_id])
-    return dict(run.data.params)
+    return dict(mlflow_run(workdir, tracking_uri)[1].data.params)
 
 
 def check_params(name: str, params: dict[str, object], steps: int) -> None:

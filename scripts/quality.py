@@ -214,7 +214,7 @@ def run_peft(
         losses.append(loss.item())
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    em = exact_match_of(model, dm.tokenizer, dm, limit, peft_eval_batch_size(model))
+    em = exact_match_of(model, dm.tokenizer, dm, limit, prepare_peft_generation(model))
     return {
         "exact_match": em,
         "train_s": train_s,
@@ -229,8 +229,9 @@ def run_peft(
     }
 
 
-def peft_eval_batch_size(model: Any) -> int:
-    """How peft's side generates: a prompt-learning PeftModel one prompt at a time, without the KV cache.
+def prepare_peft_generation(model: Any) -> int:
+    """Set up how peft's side generates and return its batch size: a prompt-learning PeftModel one prompt
+    at a time, without the KV cache (set on its generation config).
 
     With peft 0.21.2 and transformers 5.24, a prompt-learning ``PeftModel``'s answers differ from what its
     own forward (the one it trained with) gives, in two ways (tests/test_quality.py):

@@ -167,7 +167,7 @@ def test_the_peft_side_scores_prompt_learning_with_peft_s_own_forward(kind: str,
     """peft 0.21's generate with the KV cache answered "219-\\n\\n\\n" on SmolLM2 where a greedy loop of
     the same PeftModel's forward answered "21-Sep-1959" (the table's peft EM was 0.00 for prompt tuning),
     and a left-padded batch shifts a prefix's distances (0.00 for prefix tuning). The peft side's answers
-    (quality.peft_eval_batch_size, then litpeft's generate) equal that loop's, prompt by prompt."""
+    (quality.prepare_peft_generation, then litpeft's generate) equal that loop's, prompt by prompt."""
     import peft
     from bench.data import datamodule
     from transformers import AutoModelForCausalLM
@@ -197,7 +197,7 @@ def test_the_peft_side_scores_prompt_learning_with_peft_s_own_forward(kind: str,
     if kind == "PrefixTuningConfig":  # peft's N(0, 1) prefix wrecks the model: keep it at the keys' scale
         with torch.no_grad():
             model.prompt_encoder.default.embedding.weight.mul_(0.05)
-    answers = generate(model, tok, prompts, 8, quality.peft_eval_batch_size(model), longest_first=False)
+    answers = generate(model, tok, prompts, 8, quality.prepare_peft_generation(model), longest_first=False)
     model.eval()
     for prompt, answer in zip(prompts, answers, strict=True):
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
